@@ -1,0 +1,582 @@
+"""The experiment schema: one TOML file is one experiment, and this module is its manual.
+
+Imports pydantic only (never torch), so validating, dumping or diffing an experiment is instant.
+Every default lives here and nowhere else; the interpreter reads fields, it never guesses them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from imgcls.errors import ConfigError
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Range = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class Section(BaseModel):
+    # strict: `true` is not a batch size and "1e-3" is not a learning rate (ints still pass as floats).
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+def _ordered(pair: list[float], key: str) -> list[float]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"{key} = {pair} must be [low, high] with low <= high")
+    return pair
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+class NormalizeStats(Section):
+    mean: Annotated[list[float], Field(min_length=3, max_length=3)] = Field(
+        description="per-channel mean (R, G, B) of images scaled to [0, 1]"
+    )
+    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)] = Field(
+        description="per-channel standard deviation (R, G, B), each > 0"
+    )
+
+
+class DataConfig(Section):
+    train_dir: str = Field(min_length=1, description="training images: one sub-folder per class (ImageFolder)")
+    val_dir: str = Field(min_length=1, description="validation images, same layout; labelled with train's classes")
+    test_dir: str | None = Field(None, min_length=1, description="optional test images, same layout")
+    image_size: int = Field(224, ge=8, description="side of the square image the model sees, in pixels")
+    resize_size: int | None = Field(
+        None,
+        ge=8,
+        description="shorter side, in pixels, each image is resized to when decoded; evaluation centre-crops "
+        "image_size from it (default: image_size * 8/7, torchvision's 256 for 224)",
+    )
+    batch_size: int = Field(32, ge=1, description="training images per optimizer step")
+    eval_batch_size: int = Field(128, ge=1, description="images per forward pass when evaluating or predicting")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
+    normalize: Literal["imagenet", "half"] | NormalizeStats = Field(
+        "imagenet",
+        description='"imagenet" (torchvision\'s mean/std), "half" (mean = std = 0.5), or { mean = [..], std = [..] }',
+    )
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail", description='unreadable images: "fail" stops before training, "skip" leaves them out (listed either way)'
+    )
+    leakage: Literal["warn", "fail"] = Field(
+        "warn", description="byte-identical files shared between train and val/test: warn, or fail the run"
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self) -> DataConfig:
+        if self.resize_size is None:
+            self.resize_size = round(self.image_size * 8 / 7)
+        if self.resize_size < self.image_size:
+            raise ValueError(
+                f"resize_size = {self.resize_size} is smaller than image_size = {self.image_size}: "
+                "evaluation centre-crops image_size out of the resized image"
+            )
+        dirs = {"train_dir": self.train_dir, "val_dir": self.val_dir, "test_dir": self.test_dir}
+        seen: dict[str, str] = {}
+        for key, value in dirs.items():
+            if value is None:
+                continue
+            norm = os.path.normpath(value)
+            if norm in seen:
+                raise ValueError(f"{key} and {seen[norm]} are the same folder ({value!r}): splits must be separate")
+            seen[norm] = key
+        return self
+
+
+# ---------------------------------------------------------------------------------- augmentation
+
+
+class RandomResizedCrop(Section):
+    op: Literal["random_resized_crop"]
+    scale: Range = Field([0.08, 1.0], description="range of the crop's area as a fraction of the image")
+    ratio: Range = Field([3 / 4, 4 / 3], description="range of the crop's aspect ratio (width / height)")
+
+    @model_validator(mode="after")
+    def _check(self) -> RandomResizedCrop:
+        _ordered(self.scale, "scale")
+        _ordered(self.ratio, "ratio")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale = {self.scale} must lie in (0, 1]")
+        if self.ratio[0] <= 0:
+            raise ValueError(f"ratio = {self.ratio} must be positive")
+        return self
+
+
+class RandomCrop(Section):
+    op: Literal["random_crop"]
+    padding: int = Field(0, ge=0, description="pixels added on each border before cropping image_size")
+    padding_mode: Literal["constant", "edge", "reflect", "symmetric"] = Field(
+        "constant", description="how the padding is filled"
+    )
+
+
+class Resize(Section):
+    op: Literal["resize"]
+    size: int = Field(ge=8, description="shorter side after resizing, in pixels")
+
+
+class HorizontalFlip(Section):
+    op: Literal["horizontal_flip"]
+    p: Fraction = Field(0.5, description="probability of flipping left-right")
+
+
+class VerticalFlip(Section):
+    op: Literal["vertical_flip"]
+    p: Fraction = Field(0.5, description="probability of flipping upside down")
+
+
+class Rotation(Section):
+    op: Literal["rotation"]
+    degrees: float = Field(ge=0, le=180, description="rotate by a uniform angle in [-degrees, degrees]")
+
+
+class ColorJitter(Section):
+    op: Literal["color_jitter"]
+    brightness: float = Field(0.0, ge=0, description="brightness factor drawn from [1 - b, 1 + b]")
+    contrast: float = Field(0.0, ge=0, description="contrast factor drawn from [1 - c, 1 + c]")
+    saturation: float = Field(0.0, ge=0, description="saturation factor drawn from [1 - s, 1 + s]")
+    hue: float = Field(0.0, ge=0, le=0.5, description="hue shift drawn from [-h, h], in turns")
+
+
+class Grayscale(Section):
+    op: Literal["grayscale"]
+    p: Fraction = Field(0.1, description="probability of converting to grey (kept as 3 channels)")
+
+
+class GaussianBlur(Section):
+    op: Literal["gaussian_blur"]
+    kernel_size: int = Field(3, ge=1, description="odd kernel side, in pixels")
+    sigma: Range = Field([0.1, 2.0], description="range of the blur's standard deviation, in pixels")
+
+    @model_validator(mode="after")
+    def _check(self) -> GaussianBlur:
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size = {self.kernel_size} must be odd")
+        if _ordered(self.sigma, "sigma")[0] <= 0:
+            raise ValueError(f"sigma = {self.sigma} must be positive")
+        return self
+
+
+class TrivialAugment(Section):
+    op: Literal["trivial_augment"]
+    num_magnitude_bins: int = Field(31, ge=2, description="number of magnitude levels (TrivialAugmentWide)")
+
+
+class RandAugment(Section):
+    op: Literal["rand_augment"]
+    num_ops: int = Field(2, ge=1, description="operations applied to each image")
+    magnitude: int = Field(9, ge=0, le=30, description="strength of each operation, 0..30")
+
+
+class RandomErasing(Section):
+    op: Literal["random_erasing"]
+    p: Fraction = Field(0.5, description="probability of erasing a rectangle")
+    scale: Range = Field([0.02, 0.33], description="range of the erased area as a fraction of the image")
+    ratio: Range = Field([0.3, 3.3], description="range of the erased rectangle's aspect ratio")
+
+    @model_validator(mode="after")
+    def _check(self) -> RandomErasing:
+        _ordered(self.scale, "scale")
+        _ordered(self.ratio, "ratio")
+        return self
+
+
+Augment = Annotated[
+    Union[
+        RandomResizedCrop,
+        RandomCrop,
+        Resize,
+        HorizontalFlip,
+        VerticalFlip,
+        Rotation,
+        ColorJitter,
+        Grayscale,
+        GaussianBlur,
+        TrivialAugment,
+        RandAugment,
+        RandomErasing,
+    ],
+    Field(discriminator="op"),
+]
+
+# ---------------------------------------------------------------------------------------- model
+
+
+class ScratchCNN(Section):
+    arch: Literal["scratch_cnn"]
+    channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = Field(
+        [32, 64, 128], description="output channels of each conv3x3 -> ReLU -> MaxPool(2) block"
+    )
+    hidden: int = Field(128, ge=1, description="width of the hidden layer of the classifier head")
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout probability before the last layer")
+    batch_norm: bool = Field(False, description="BatchNorm after each convolution")
+
+    @property
+    def min_image_size(self) -> int:
+        return 2 ** len(self.channels)  # each MaxPool(2) floors the side by half
+
+
+class ResNet18(Section):
+    arch: Literal["resnet18"]
+    weights: str = Field(
+        "imagenet",
+        min_length=1,
+        description='"none" (random init), "imagenet" (torchvision\'s IMAGENET1K_V1), or a path to a '
+        "state dict (.pth/.safetensors) or an imgcls checkpoint",
+    )
+    freeze_backbone: bool = Field(False, description="train only the new head; backbone weights and BatchNorm stats stay fixed")
+
+    @property
+    def min_image_size(self) -> int:
+        return 32  # total stride of ResNet18; smaller inputs leave BatchNorm single-pixel maps
+
+
+Model = Annotated[Union[ScratchCNN, ResNet18], Field(discriminator="arch")]
+
+# ------------------------------------------------------------------------------------ optimizer
+
+Betas = Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)]
+
+
+class Adam(Section):
+    name: Literal["adam"]
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    betas: Betas = Field([0.9, 0.999], description="coefficients of the running averages of gradient and its square")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty added to the gradient")
+
+
+class AdamW(Section):
+    name: Literal["adamw"]
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    betas: Betas = Field([0.9, 0.999], description="coefficients of the running averages of gradient and its square")
+    weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay")
+
+
+class SGD(Section):
+    name: Literal["sgd"]
+    lr: float = Field(0.01, gt=0, description="learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum factor, in [0, 1)")
+    nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty added to the gradient")
+
+    @model_validator(mode="after")
+    def _check(self) -> SGD:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov = true needs momentum > 0")
+        return self
+
+
+Optimizer = Annotated[Union[Adam, AdamW, SGD], Field(discriminator="name")]
+
+# ------------------------------------------------------------------------------------ scheduler
+
+
+class NoScheduler(Section):
+    name: Literal["none"]
+
+
+class StepLR(Section):
+    name: Literal["step"]
+    step_size: int = Field(10, ge=1, description="epochs between decays")
+    gamma: float = Field(0.1, gt=0, le=1, description="factor applied to the learning rate at each decay")
+
+
+class CosineLR(Section):
+    name: Literal["cosine"]
+    eta_min: float = Field(0.0, ge=0, description="learning rate reached at the last epoch")
+
+
+class PlateauLR(Section):
+    name: Literal["plateau"]
+    monitor: Literal["val_loss", "val_acc"] = Field("val_loss", description="metric that must improve")
+    factor: float = Field(0.1, gt=0, lt=1, description="factor applied to the learning rate on a plateau")
+    patience: int = Field(2, ge=0, description="epochs without improvement before decaying")
+    min_lr: float = Field(0.0, ge=0, description="lower bound on the learning rate")
+
+
+class OneCycleLR(Section):
+    name: Literal["onecycle"]
+    max_lr: float = Field(gt=0, description="peak learning rate, reached after pct_start of all steps")
+    pct_start: float = Field(0.3, gt=0, lt=1, description="fraction of the steps spent increasing the learning rate")
+
+
+Scheduler = Annotated[
+    Union[NoScheduler, StepLR, CosineLR, PlateauLR, OneCycleLR], Field(discriminator="name")
+]
+
+# ------------------------------------------------------------------------------ train and output
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1, description="passes over the training set (fewer if early stopping fires)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="CrossEntropyLoss label smoothing")
+    select_best: Literal["val_loss", "val_acc"] = Field(
+        "val_loss", description="metric that picks the best checkpoint (must equal early_stopping.monitor)"
+    )
+    channels_last: bool = Field(True, description="channels_last memory format (faster convolutions on CPU and GPU)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description='"bf16" autocasts the forward pass (faster on recent CPUs/GPUs, not bit-identical to fp32)'
+    )
+
+
+class EarlyStopping(Section):
+    monitor: Literal["val_loss", "val_acc"] = Field("val_loss", description="metric watched after each epoch")
+    patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
+
+
+class OutputConfig(Section):
+    root: str = Field("runs", min_length=1, description="folder that holds run directories (<root>/<name>)")
+
+
+class Experiment(Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; the run directory is <output.root>/<name>"
+    )
+    seed: int = Field(0, ge=0, description="seeds weights, shuffling and augmentation")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description='"auto" picks cuda when available; the run records the resolved value'
+    )
+    data: DataConfig
+    augment: list[Augment] = Field([], description="training-time augmentations, applied in order")
+    model: Model
+    optimizer: Optimizer = Field({"name": "adam"}, description="optimizer and its settings")
+    scheduler: Scheduler = Field({"name": "none"}, description="learning-rate schedule")
+    train: TrainConfig = Field({}, description="training loop settings")
+    early_stopping: EarlyStopping | None = Field(None, description="stop when the monitor stops improving; absent: run all epochs")
+    output: OutputConfig = Field({}, description="where results are written")
+
+    @model_validator(mode="after")
+    def _check(self) -> Experiment:
+        problems = []
+        if self.data.image_size < self.model.min_image_size:
+            problems.append(
+                f"data.image_size = {self.data.image_size} is too small for model.arch = {self.model.arch!r}: "
+                f"it needs at least {self.model.min_image_size}"
+            )
+        if self.early_stopping and self.early_stopping.monitor != self.train.select_best:
+            problems.append(
+                f"early_stopping.monitor = {self.early_stopping.monitor!r} but train.select_best = "
+                f"{self.train.select_best!r}: set both to the same metric"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# -------------------------------------------------------------------------------- load and dump
+
+
+def validate(data: dict[str, Any], source: str = "<experiment>") -> Experiment:
+    """Validate a parsed experiment, or raise ConfigError listing every problem with its key path."""
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, [_describe(err) for err in e.errors()]) from None
+
+
+def load(path: str | os.PathLike) -> Experiment:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read the experiment file: {e.strerror}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), [f"invalid TOML: {e}"]) from None
+    return validate(data, str(path))
+
+
+def to_toml(exp: Experiment) -> str:
+    """Canonical TOML: every default filled in, keys in schema order, absent options omitted."""
+    return tomli_w.dumps(exp.model_dump(mode="json", exclude_none=True))
+
+
+def path_problems(exp: Experiment) -> list[str]:
+    """Filesystem checks that a pure schema cannot make; kept apart so --dry-run stays offline-safe."""
+    problems = []
+    for key in ("train_dir", "val_dir", "test_dir"):
+        value = getattr(exp.data, key)
+        if value is not None and not Path(value).is_dir():
+            problems.append(f"data.{key}: folder {value!r} does not exist (relative paths start at {os.getcwd()})")
+    model = exp.model
+    if isinstance(model, ResNet18) and model.weights not in ("none", "imagenet") and not Path(model.weights).is_file():
+        problems.append(f"model.weights: file {model.weights!r} does not exist; use \"none\", \"imagenet\" or a path")
+    return problems
+
+
+# ------------------------------------------------------------------------- readable error messages
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key, model = _key_path(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        leaf = str(err["loc"][-1])
+        message = "unknown key"
+        if model is not None:
+            close = difflib.get_close_matches(leaf, list(model.model_fields), n=1, cutoff=0.6)
+            message += f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(model.model_fields)}"
+    elif kind == "missing":
+        message = "required key is missing"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        discriminator = err["ctx"]["discriminator"].strip("'")
+        key = f"{key}.{discriminator}"
+        if kind == "union_tag_not_found":
+            message = "required key is missing: it picks the variant (see the reference in README.md)"
+        else:
+            message = f"{err['ctx']['tag']!r} is not one of {err['ctx']['expected_tags']}"
+    else:
+        message = err["msg"].removeprefix("Value error, ")
+        if "input" in err and not isinstance(err["input"], dict):
+            message += f" (got {_toml_repr(err['input'])})"
+    return f"{key or '<top level>'}: {message}"
+
+
+def _toml_repr(value: Any) -> str:
+    try:
+        return tomli_w.dumps({"v": value})[4:].strip()
+    except (TypeError, ValueError):
+        return json.dumps(value, default=str)
+
+
+def _key_path(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+    """Render pydantic's loc as a TOML key path, dropping union tags, e.g. augment[0].p.
+
+    Also returns the model class that holds the last key, so unknown keys can suggest a valid one.
+    """
+    parts: list[str] = []
+    annotation: Any = Experiment
+    parent: type[BaseModel] | None = None
+    for item in loc:
+        annotation = _strip(annotation)
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            annotation = typing.get_args(annotation)[0] if typing.get_args(annotation) else None
+            continue
+        members = _union_members(annotation)
+        if members and not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            tagged = [m for m in members if _tag_of(m) == item]
+            if tagged:  # a discriminator value: part of pydantic's loc, not of the TOML key
+                annotation = tagged[0]
+                continue
+            models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+            annotation = models[0] if len(models) == 1 else annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            parent = annotation
+            field = annotation.model_fields.get(item)
+            annotation = field.annotation if field else None
+        else:
+            parent, annotation = None, None
+        parts.append(("." if parts else "") + str(item))
+    return "".join(parts), parent
+
+
+def _strip(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return [_strip(a) for a in typing.get_args(annotation)]
+    return []
+
+
+def _tag_of(model: Any) -> str | None:
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    for key in ("op", "arch", "name"):
+        field = model.model_fields.get(key)
+        if field is not None and typing.get_origin(field.annotation) is Literal:
+            return typing.get_args(field.annotation)[0]
+    return None
+
+
+# --------------------------------------------------------------------------- reference document
+
+
+def reference() -> str:
+    """The README's reference section, generated from the schema so the two cannot drift."""
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            annotation = _strip(field.annotation)
+            inner = _strip(typing.get_args(annotation)[0]) if typing.get_origin(annotation) is list else None
+            members = _union_members(inner if inner is not None else annotation)
+            variants = [m for m in members if _tag_of(m) is not None]
+            if variants:
+                lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
+                for variant in variants:
+                    walk(variant, f"{key}{'[]' if inner is not None else ''}.{{{_tag_of(variant)}}}.")
+                continue
+            sub = [m for m in (members or [annotation]) if isinstance(m, type) and issubclass(m, BaseModel)]
+            if sub and not (name in ("op", "arch", "name") and prefix):
+                lines.append(f"| `[{key}]` | table | {_default(field)} | {field.description or ''} |")
+                for s in sub:
+                    walk(s, f"{key}.")
+                continue
+            lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
+
+    walk(Experiment, "")
+    return "\n".join(lines) + "\n"
+
+
+def _type_name(annotation: Any) -> str:
+    annotation = _strip(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return " \\| ".join(f'`"{a}"`' for a in typing.get_args(annotation))
+    members = _union_members(annotation)
+    if members:
+        return " \\| ".join(_type_name(m) for m in members)
+    if typing.get_origin(annotation) is list:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "absent")
+
+
+def _default(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    default = field.default
+    if default is None:
+        return "absent"
+    if isinstance(default, dict):
+        return "{" + ", ".join(f"{k} = {_toml_repr(v)}" for k, v in default.items()) + "}"
+    return f"`{_toml_repr(default)}`"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--reference"]:
+        print(reference(), end="")
+        return 0
+    if len(argv) != 1:
+        print("usage: python -m imgcls.config EXPERIMENT.toml | --reference", file=sys.stderr)
+        return 2
+    try:
+        print(to_toml(load(argv[0])), end="")
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
