@@ -392,11 +392,15 @@ def load(path: str | os.PathLike) -> Experiment:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read the experiment file: {e.strerror}"]) from None
+    return loads(text, str(path))
+
+
+def loads(text: str, source: str = "<experiment>") -> Experiment:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(path), [f"invalid TOML: {e}"]) from None
-    return validate(data, str(path))
+        raise ConfigError(source, [f"invalid TOML: {e}"]) from None
+    return validate(data, source)
 
 
 def to_toml(exp: Experiment) -> str:

@@ -1,0 +1,189 @@
+"""Checkpoints: safetensors files that never unpickle anything, with a content hash.
+
+One file holds the model weights ("model.*"), optionally the optimizer's tensors ("optim.*") and
+the RNG state ("rng.*"), and a JSON header: class names, the resolved experiment, the epoch, the
+loop's state. A sha256 over the header and every tensor's bytes catches truncation and bit flips.
+Files are written atomically: temp file in the same folder, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from imgcls.errors import CheckpointError, UserError
+
+FORMAT = "imgcls-checkpoint/1"
+TEMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class Checkpoint:
+    model: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    optim: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+
+def save(path: str | Path, ckpt: Checkpoint) -> None:
+    tensors = {f"model.{k}": v for k, v in ckpt.model.items()}
+    tensors |= {f"optim.{k}": v for k, v in ckpt.optim.items()}
+    tensors |= {f"rng.{k}": v for k, v in ckpt.rng.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = json.dumps({"format": FORMAT, **ckpt.meta}, sort_keys=True)
+    metadata = {"imgcls": header, "sha256": _digest(header, tensors)}
+    atomic_write(Path(path), st_save(tensors, metadata=metadata))
+
+
+def load(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: imgcls checkpoints are .safetensors files (pickled .pt/.pth files are refused)")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or damaged ({e})") from None
+    header = metadata.get("imgcls")
+    if header is None:
+        raise CheckpointError(f"{path}: a safetensors file, but not an imgcls checkpoint (no imgcls header)")
+    if metadata.get("sha256") != _digest(header, tensors):
+        raise CheckpointError(f"{path}: content hash mismatch: the file is damaged; use another checkpoint")
+    meta = json.loads(header)
+    if meta.pop("format", None) != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format (expected {FORMAT})")
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "rng": {}}
+    for key, value in tensors.items():
+        group, _, name = key.partition(".")
+        parts[group][name] = value
+    return Checkpoint(parts["model"], meta, parts["optim"], parts["rng"])
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A plain state dict for model.weights: an imgcls checkpoint, a .safetensors file, or a .pth/.pt."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        try:
+            with safe_open(path, "pt") as f:
+                is_imgcls = "imgcls" in (f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        if is_imgcls:
+            return load(path).model
+        return st_load(p.read_bytes())
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0") not in ("", "0"):
+        # That variable turns weights_only=True off inside torch.load: a pickle could then run code.
+        raise CheckpointError(
+            f"{path}: refusing to read a pickled file while TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set; "
+            "unset it or convert the weights to .safetensors"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything but plain tensors, plus zip errors
+        raise CheckpointError(f"{path}: not a plain state dict that loads with weights_only=True ({e})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+    return state
+
+
+def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(header.encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- atomic files
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write via a temp file in the same folder, fsync, rename: a crash leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"{path}: disk full while saving; the previous file, if any, is intact. Free space and --resume") from None
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def clean_temp_files(folder: Path) -> list[Path]:
+    """Leftovers of a save interrupted by a kill; never resumed from."""
+    leftovers = sorted(folder.glob(TEMP_PREFIX + "*")) if folder.is_dir() else []
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return leftovers
+
+
+# ------------------------------------------------------------------------ nested state <-> tensors
+
+
+def flatten_state(state: Any, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (optimizer or scheduler state_dict) into tensors and a JSON skeleton.
+
+    Tensors are replaced by {"__tensor__": key}; dict keys become strings and are restored by
+    unflatten_state (optimizer states key parameters by int).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value
+            return {"__tensor__": path}
+        if isinstance(value, dict):
+            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(value.items())]}
+        if isinstance(value, (list, tuple)):
+            return {"__tuple__" if isinstance(value, tuple) else "__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(value)]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"cannot store {type(value).__name__} at {path} in a checkpoint")
+
+    return tensors, walk(state, prefix)
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__tuple__" in skeleton:
+            return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        if "__list__" in skeleton:
+            return [unflatten_state(v, tensors) for v in skeleton["__list__"]]
+    return skeleton

@@ -1,0 +1,406 @@
+"""Data: class folders -> checked, decoded uint8 images -> augmented, normalised batches.
+
+Each image is decoded once, upright and RGB, with its shorter side resized to `resize_size`
+(torchvision's Resize(256) convention), and kept as a uint8 tensor. Augmentations then run on
+those tensors (transforms v2). A sample's augmentation randomness is a pure function of
+(seed, epoch, index), so worker count, caching and prefetching cannot change a run's bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+from tqdm import tqdm
+from typing_extensions import assert_never
+
+from imgcls import config as C
+from imgcls.errors import DataError
+
+# torchvision's ImageFolder extensions.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Decoders allowed to open a file: a restricted list keeps Ghostscript (EPS) and friends from ever running.
+DECODERS = ["JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP", "GIF"]
+JUNK_FILES = {"thumbs.db", "desktop.ini"}
+# Transparent pixels are blended onto white, as a photo viewer shows them.
+BACKGROUND = (255, 255, 255)
+NORMALIZE = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "half": ([0.5] * 3, [0.5] * 3)}
+
+assert not ImageFile.LOAD_TRUNCATED_IMAGES  # a truncated file must fail, never load half-grey
+
+
+# ------------------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class Split:
+    """One split's files, labelled with train's class mapping."""
+
+    name: str
+    root: str
+    paths: list[str]
+    labels: list[int]
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+
+def scan_classes(root: str) -> list[str]:
+    """Class folder names in sorted order, as ImageFolder; hidden folders are never classes."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_split(name: str, root: str, classes: list[str]) -> Split:
+    split = Split(name, root, [], [])
+    here = scan_classes(root)
+    unknown = [c for c in here if c not in classes]
+    if unknown:
+        raise DataError(
+            f"{root}: class folder(s) {unknown} are not in the training set's classes {classes}; "
+            "labels follow train's folders, so add them to train or remove them here"
+        )
+    for label, cls in enumerate(classes):
+        folder = os.path.join(root, cls)
+        if not os.path.isdir(folder):
+            continue
+        files = _image_files(folder, split.skipped)
+        if not files:
+            raise DataError(f"{folder}: class {cls!r} of the {name} split holds no images")
+        split.paths += files
+        split.labels += [label] * len(files)
+    return split
+
+
+def _image_files(folder: str, skipped: Counter) -> list[str]:
+    """Image files below folder, sorted; symlinked folders are followed once and never out of folder."""
+    top = os.path.realpath(folder)
+    seen_dirs, seen_files, found = set(), set(), []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs or not (real == top or real.startswith(top + os.sep)):
+            dirnames[:] = []  # a link loop or a link out of the data folder
+            skipped["linked folder outside the class folder or loop"] += real not in seen_dirs
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fname in sorted(filenames):
+            path = os.path.join(dirpath, fname)
+            if fname.startswith(".") or fname.lower() in JUNK_FILES:
+                skipped["hidden or system file"] += 1
+            elif not fname.lower().endswith(IMAGE_EXTENSIONS):
+                skipped["not an image extension"] += 1
+            elif os.path.realpath(path) in seen_files:
+                skipped["duplicate link to the same file"] += 1
+            else:
+                seen_files.add(os.path.realpath(path))
+                found.append(path)
+    return found
+
+
+# ------------------------------------------------------------------------------------- decoding
+
+
+def decode(path: str, resize_size: int) -> torch.Tensor:
+    """Decode one file to an upright RGB uint8 tensor (3, H, W) whose shorter side is resize_size.
+
+    Raises DataError naming the file for anything that is not a whole, readable image.
+    """
+    if not os.path.lexists(path):
+        raise DataError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a regular file (a folder, pipe or device)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=DECODERS) as img:
+                if getattr(img, "n_frames", 1) > 1:
+                    raise DataError(f"{path}: animated image with {img.n_frames} frames")
+                img.draft("RGB", (resize_size, resize_size))  # JPEG: decode at a reduced scale when possible
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                img = to_rgb(img)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: refused, too many pixels ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{path}: not an image in a supported format ({', '.join(DECODERS)})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+    img = _resize_shorter(img, resize_size)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is blended onto BACKGROUND, 16-bit keeps its levels."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: PIL's convert("L") clips at 255, so scale 0..65535 down to 0..255 instead.
+        arr = np.asarray(img).astype(np.int64)
+        img = Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGB", img.size, BACKGROUND)
+        canvas.paste(img, mask=img.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    if w <= h:
+        new = (size, max(1, round(h * size / w)))
+    else:
+        new = (max(1, round(w * size / h)), size)
+    return img.resize(new, Image.Resampling.BILINEAR)
+
+
+def file_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ------------------------------------------------------------------------------------ transforms
+
+
+def build_augment(ops: list[C.Augment], image_size: int) -> v2.Compose:
+    """The training pipeline: the experiment's ops in order, then a centre crop to image_size.
+
+    The final crop is a no-op after a crop op and makes any other list end at the model's size.
+    """
+    transforms = [_augment_op(op, image_size) for op in ops]
+    return v2.Compose([*transforms, v2.CenterCrop(image_size)])
+
+
+def _augment_op(op: C.Augment, image_size: int) -> v2.Transform:
+    match op:
+        case C.RandomResizedCrop():
+            return v2.RandomResizedCrop(image_size, scale=tuple(op.scale), ratio=tuple(op.ratio), antialias=True)
+        case C.RandomCrop():
+            return v2.RandomCrop(image_size, padding=op.padding or None, padding_mode=op.padding_mode, pad_if_needed=True)
+        case C.Resize():
+            return v2.Resize(op.size, antialias=True)
+        case C.HorizontalFlip():
+            return v2.RandomHorizontalFlip(op.p)
+        case C.VerticalFlip():
+            return v2.RandomVerticalFlip(op.p)
+        case C.Rotation():
+            return v2.RandomRotation(op.degrees)
+        case C.ColorJitter():
+            return v2.ColorJitter(op.brightness, op.contrast, op.saturation, op.hue)
+        case C.Grayscale():
+            return v2.RandomGrayscale(op.p)
+        case C.GaussianBlur():
+            return v2.GaussianBlur(op.kernel_size, sigma=tuple(op.sigma))
+        case C.TrivialAugment():
+            return v2.TrivialAugmentWide(num_magnitude_bins=op.num_magnitude_bins)
+        case C.RandAugment():
+            return v2.RandAugment(num_ops=op.num_ops, magnitude=op.magnitude)
+        case C.RandomErasing():
+            return v2.RandomErasing(op.p, scale=tuple(op.scale), ratio=tuple(op.ratio))
+        case _:
+            assert_never(op)
+
+
+def eval_transform(image_size: int) -> v2.CenterCrop:
+    """Deterministic: the decoded image (shorter side resize_size) centre-cropped to image_size."""
+    return v2.CenterCrop(image_size)
+
+
+def normalization(cfg: C.DataConfig) -> tuple[list[float], list[float]]:
+    match cfg.normalize:
+        case "imagenet" | "half":
+            return NORMALIZE[cfg.normalize]
+        case C.NormalizeStats():
+            return cfg.normalize.mean, cfg.normalize.std
+        case _:
+            assert_never(cfg.normalize)
+
+
+class Normalize(torch.nn.Module):
+    """uint8 batch (N, 3, H, W) -> float batch scaled to [0, 1] then standardised per channel.
+
+    Runs on whole batches on the model's device: one fused pass instead of per-image float copies.
+    """
+
+    def __init__(self, mean: list[float], std: list[float], channels_last: bool):
+        super().__init__()
+        self.register_buffer("scale", 1 / (255 * torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scale.device, non_blocking=True).to(memory_format=self.memory_format)
+        return x.float().mul_(self.scale).sub_(self.shift)
+
+
+# ------------------------------------------------------------------------------ datasets, loaders
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed per (seed, epoch, index) (splitmix64's finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) >> 1
+
+
+class ImageSet(Dataset):
+    """Items are keyed by (epoch, index) so a sample's randomness never depends on who loads it."""
+
+    def __init__(self, split: Split, images: list[torch.Tensor] | None, resize_size: int, transform, seed: int):
+        self.split, self.images, self.resize_size = split, images, resize_size
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return len(self.split.paths)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        image = self.images[index] if self.images is not None else decode(self.split.paths[index], self.resize_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            image = self.transform(image)
+        return image, self.split.labels[index]
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of (epoch, index) keys; the order is a pure function of (seed, epoch).
+
+    A trailing batch of one is dropped when shuffling: BatchNorm cannot train on a single image.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int):
+        self.n, self.batch_size, self.shuffle, self.seed, self.epoch = n, batch_size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self._order()
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if self.shuffle and len(batch) == 1 and self.n > 1:
+                return
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (rest > 1 or (rest == 1 and (not self.shuffle or self.n == 1)))
+
+
+def make_loader(dataset: ImageSet, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=EpochBatches(len(dataset), batch_size, shuffle, seed),
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),  # seeds worker base seeds; augmentation ignores them
+        persistent_workers=num_workers > 0,
+        pin_memory=False,
+    )
+
+
+# ------------------------------------------------------------------------------------- preflight
+
+
+@dataclass
+class Data:
+    """Everything the run needs from the data section, checked before the first epoch."""
+
+    classes: list[str]
+    splits: dict[str, Split]
+    images: dict[str, list[torch.Tensor] | None]
+    report: dict
+
+
+def prepare(cfg: C.DataConfig, progress: bool = True) -> Data:
+    """Scan every split, decode every image once (the preflight), and report what was found.
+
+    Bad images are all listed before epoch 1; with on_bad_image = "skip" they are left out.
+    """
+    classes = scan_classes(cfg.train_dir)
+    if not classes:
+        raise DataError(f"{cfg.train_dir}: no class folders (expected one sub-folder per class, as ImageFolder)")
+    roots = {"train": cfg.train_dir, "val": cfg.val_dir, "test": cfg.test_dir}
+    splits = {name: scan_split(name, root, classes) for name, root in roots.items() if root is not None}
+    report: dict = {"classes": classes, "splits": {}, "warnings": []}
+    images: dict[str, list[torch.Tensor] | None] = {}
+    bad: list[str] = []
+    for name, split in splits.items():
+        decoded, failures = _decode_split(split, cfg.resize_size, progress)
+        bad += failures
+        images[name] = decoded
+        counts = Counter(classes[label] for label in split.labels)
+        missing = [c for c in classes if counts[c] == 0]
+        if missing and name != "train":
+            report["warnings"].append(f"{name} split has no images of class(es) {missing}")
+        report["splits"][name] = {
+            "root": split.root,
+            "images": len(split.paths),
+            "per_class": {c: counts[c] for c in classes},
+            "skipped_files": dict(split.skipped),
+        }
+    report["bad_images"] = bad
+    if bad and cfg.on_bad_image == "fail":
+        listing = "\n".join(f"  - {b}" for b in bad)
+        raise DataError(
+            f"{len(bad)} unreadable image(s):\n{listing}\n"
+            'fix or remove them, or set data.on_bad_image = "skip" to leave them out'
+        )
+    report["leakage"] = _leakage(splits)
+    if report["leakage"]:
+        message = f"{len(report['leakage'])} file(s) in train are byte-identical to files in val/test"
+        if cfg.leakage == "fail":
+            pairs = "\n".join(f"  - {a} == {b}" for a, b in report["leakage"][:20])
+            raise DataError(f"{message}:\n{pairs}\nremove the copies, or set data.leakage = \"warn\"")
+        report["warnings"].append(message)
+    return Data(classes, splits, images, report)
+
+
+def _decode_split(split: Split, resize_size: int, progress: bool) -> tuple[list[torch.Tensor], list[str]]:
+    keep_paths, keep_labels, decoded, failures = [], [], [], []
+    bar = tqdm(split.paths, desc=f"decode {split.name}", unit="img", disable=not progress, leave=False)
+    for path, label in zip(bar, split.labels):
+        try:
+            decoded.append(decode(path, resize_size))
+        except DataError as e:
+            failures.append(str(e))
+            continue
+        keep_paths.append(path)
+        keep_labels.append(label)
+    split.paths, split.labels = keep_paths, keep_labels
+    if not split.paths:
+        raise DataError(f"{split.root}: no readable images in the {split.name} split")
+    return decoded, failures
+
+
+def _leakage(splits: dict[str, Split]) -> list[tuple[str, str]]:
+    if "train" not in splits:
+        return []
+    train = {file_hash(p): p for p in splits["train"].paths}
+    return [
+        (train[h], p)
+        for name, split in splits.items()
+        if name != "train"
+        for p in split.paths
+        if (h := file_hash(p)) in train
+    ]

@@ -1,0 +1,114 @@
+"""Prediction: class names and probabilities for images, with the run's exact eval preprocessing.
+
+`python -m imgcls.predict EXP CKPT IMAGE [IMAGE|DIR ...] [--top-k K] [--json | --csv]`
+
+Each image is decoded like the training data (upright, RGB, shorter side resize_size) and
+centre-cropped like evaluation. A file that cannot be read gets its own error line; the others are
+still classified, and the exit status is 1 when any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import Counter
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from imgcls import data
+from imgcls.errors import DataError
+
+
+def expand(inputs: list[str]) -> list[str]:
+    """Files as given; folders become their image files (recursively, sorted, hidden ones skipped)."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item) and not item.lower().endswith(data.IMAGE_EXTENSIONS):
+            paths += data._image_files(item, Counter())
+        else:
+            paths.append(item)
+    return paths
+
+
+def classify(loaded, paths: list[str], top_k: int) -> tuple[list[dict], list[str]]:
+    """Top-k (class, probability) per readable image, in batches of eval_batch_size; and the errors."""
+    exp = loaded.exp
+    transform = data.eval_transform(exp.data.image_size)
+    results, errors = [], []
+    batch_paths, batch = [], []
+
+    def flush() -> None:
+        if not batch:
+            return
+        with torch.inference_mode():
+            logits = loaded.model(loaded.prepare_input(torch.stack(batch))).float().cpu()
+        probs = logits.softmax(1)
+        top = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        for path, values, indices in zip(batch_paths, top.values, top.indices):
+            results.append(
+                {"path": path, "top": [{"class": loaded.classes[i], "probability": float(p)} for p, i in zip(values, indices)]}
+            )
+        batch_paths.clear()
+        batch.clear()
+
+    for path in paths:
+        try:
+            image = data.decode(path, exp.data.resize_size)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        batch_paths.append(path)
+        batch.append(transform(image))
+        if len(batch) == exp.data.eval_batch_size:
+            flush()
+    flush()
+    return results, errors
+
+
+def write(results: list[dict], fmt: str, out) -> None:
+    if fmt == "json":
+        json.dump(results, out, indent=2)
+        out.write("\n")
+    elif fmt == "csv":
+        k = max((len(r["top"]) for r in results), default=1)
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path"] + [f"{name}{i}" for i in range(1, k + 1) for name in ("class", "probability")])
+        for r in results:
+            writer.writerow([r["path"]] + [v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}")])
+    else:
+        for r in results:
+            guesses = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+            out.write(f"{r['path']}: {guesses}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imgcls.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", help="the experiment TOML the checkpoint was trained with")
+    parser.add_argument("checkpoint", help="a .safetensors checkpoint (e.g. runs/NAME/best.safetensors)")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--top-k", type=int, default=1, help="how many classes to list per image (default 1)")
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="format", action="store_const", const="json", help="JSON output")
+    fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV output")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be at least 1")
+    from imgcls.run import guarded, load_for_inference
+
+    def go() -> int:
+        loaded = load_for_inference(args.experiment, args.checkpoint)
+        results, errors = classify(loaded, expand(args.images), args.top_k)
+        write(results, args.format or "text", sys.stdout)
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 1 if errors else 0
+
+    return guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

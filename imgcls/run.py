@@ -1,0 +1,400 @@
+"""The interpreter: one validated experiment in, one run directory out.
+
+`python -m imgcls.run EXPERIMENT.toml [--dry-run] [--resume]`
+
+A run is a pure function of (experiment, data, seed): everything it depends on is read from the
+experiment, and everything it produces lands in <output.root>/<name>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import imgcls
+from imgcls import checkpoint as ckpt_io
+from imgcls import config, data, evaluate, models, report, train
+from imgcls.errors import CheckpointError, ConfigError, UserError
+
+BEST, LAST = "best.safetensors", "last.safetensors"
+
+
+def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train, select, evaluate and report one experiment; returns what metrics.json holds."""
+    device = resolve_device(exp.device)
+    exp = exp.model_copy(update={"device": device.type})  # the run records the resolved device
+    problems = config.path_problems(exp)
+    if problems:
+        raise ConfigError("experiment", problems)
+    run_dir = prepare_run_dir(exp, resume)
+    seed_everything(exp.seed, device)
+
+    dataset = data.prepare(exp.data, progress)  # the preflight: every image decoded and checked once
+    print_preflight(dataset.report)
+    report.write_json(run_dir / "preflight.json", dataset.report)
+    ckpt_io.atomic_write(run_dir / "config.toml", config.to_toml(exp))
+    report.write_json(run_dir / "env.json", environment())
+
+    model = build(exp, len(dataset.classes), device)
+    loaders = build_loaders(exp, dataset)
+    optimizer = train.build_optimizer(exp.optimizer, model.parameters())
+    schedule = train.build_scheduler(exp.scheduler, optimizer, exp.train.epochs, len(loaders["train"]))
+    monitor = train.build_monitor(exp)
+    state = train.LoopState()
+    if resume and (run_dir / LAST).exists():
+        state = restore(run_dir / LAST, exp, model, optimizer, schedule, monitor, device)
+
+    fit(exp, model, loaders, optimizer, schedule, monitor, state, dataset.classes, run_dir, device, progress)
+    return finish(exp, model, loaders, dataset.classes, state, monitor, run_dir, device)
+
+
+def fit(exp, model, loaders, optimizer, schedule, monitor, state, classes, run_dir, device, progress) -> None:
+    """Epochs state.epoch+1 .. epochs; after each, the last (and maybe best) checkpoint is saved."""
+    prepare_input = input_preparer(exp, device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=exp.train.label_smoothing)
+    while state.epoch < exp.train.epochs and not state.stopped_early:
+        epoch = state.epoch + 1
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        fit_metrics = train.train_one_epoch(
+            model, loaders["train"], prepare_input, loss_fn, optimizer, schedule, device, exp.train.precision, epoch, progress
+        )
+        logits, labels = evaluate.predict_logits(model, loaders["val"], prepare_input, device, exp.train.precision)
+        val = evaluate.compute_metrics(logits, labels, classes)
+        train.step_epoch_scheduler(schedule, {"val_loss": val["loss"], "val_acc": val["accuracy"]})
+        seconds = time.perf_counter() - start
+        row = train.epoch_row(epoch, fit_metrics, val, lr, seconds)
+        is_best, stop = monitor.update(epoch, row[exp.train.select_best])
+        state.epoch, state.stopped_early = epoch, stop and epoch < exp.train.epochs
+        state.history.append(row)
+        state.train_seconds += seconds
+        state.monitor = vars(monitor).copy()
+        if is_best:
+            save(run_dir / BEST, exp, model, classes, state)
+        save(run_dir / LAST, exp, model, classes, state, optimizer, schedule)
+        report.write_history(run_dir / "history.csv", state.history)
+        tqdm.write(report.summary_line(epoch, exp.train.epochs, row, is_best), file=sys.stderr)
+        if state.stopped_early:
+            tqdm.write(f"early stopping: no improvement in {monitor.patience} epochs", file=sys.stderr)
+
+
+def finish(exp, model, loaders, classes, state, monitor, run_dir, device) -> dict[str, Any]:
+    """Reload the best weights, evaluate val (and test), and write every result file."""
+    if not (run_dir / BEST).exists():
+        raise UserError(f"no epoch gave a finite {exp.train.select_best}; nothing to evaluate")
+    best = ckpt_io.load(run_dir / BEST)
+    model.load_state_dict(best.model)
+    prepare_input = input_preparer(exp, device)
+    results: dict[str, Any] = {"classes": classes}
+    reports = []
+    for split in ("val", "test"):
+        if split not in loaders:
+            continue
+        logits, labels = evaluate.predict_logits(model, loaders[split], prepare_input, device, exp.train.precision)
+        results[split] = evaluate.compute_metrics(logits, labels, classes)
+        reports.append(f"== {split} ==\n{evaluate.text_report(logits, labels, classes)}")
+        report.plot_confusion(
+            run_dir / f"confusion_matrix_{split}.png", results[split]["confusion_matrix"], classes, f"{exp.name}: {split}"
+        )
+    results |= {
+        "best_epoch": monitor.best_epoch,
+        "select_best": exp.train.select_best,
+        "epochs_run": state.epoch,
+        "stopped_early": state.stopped_early,
+        "train_seconds": round(state.train_seconds, 3),
+    }
+    ckpt_io.atomic_write(run_dir / "classification_report.txt", "\n".join(reports))
+    report.plot_curves(run_dir / "curves.png", state.history, monitor.best_epoch)
+    report.write_json(run_dir / "metrics.json", results)  # written last: its presence marks a finished run
+    return results
+
+
+# ----------------------------------------------------------------------------------- builders
+
+
+def resolve_device(name: str) -> torch.device:
+    match name:
+        case "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        case "cuda" if not torch.cuda.is_available():
+            raise ConfigError("device", ['"cuda" was asked for but no CUDA device is available; use "auto" or "cpu"'])
+        case _:
+            return torch.device(name)
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    # CPU: every op has a deterministic kernel. CUDA: a few backward kernels (adaptive pooling) have
+    # none, so there it warns instead of failing; bit-identical runs are promised on the CPU only.
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    torch.backends.cudnn.benchmark = False
+
+
+def build(exp: config.Experiment, num_classes: int, device: torch.device, pretrained: bool = True) -> nn.Module:
+    """The model on its device and memory format. pretrained=False skips weight loading (a checkpoint follows)."""
+    cfg = exp.model
+    if not pretrained and isinstance(cfg, config.ResNet18):
+        cfg = cfg.model_copy(update={"weights": "none"})
+    model = models.build_model(cfg, num_classes)
+    memory_format = torch.channels_last if exp.train.channels_last else torch.contiguous_format
+    return model.to(device=device, memory_format=memory_format)
+
+
+def input_preparer(exp: config.Experiment, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    mean, std = data.normalization(exp.data)
+    return data.Normalize(mean, std, exp.train.channels_last).to(device)
+
+
+def build_loaders(exp: config.Experiment, dataset: data.Data) -> dict[str, Any]:
+    train_tf = data.build_augment(exp.augment, exp.data.image_size)
+    eval_tf = data.eval_transform(exp.data.image_size)
+    loaders = {}
+    for split_name, split in dataset.splits.items():
+        is_train = split_name == "train"
+        images = data.ImageSet(
+            split, dataset.images[split_name], exp.data.resize_size, train_tf if is_train else eval_tf, exp.seed
+        )
+        batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
+        loaders[split_name] = data.make_loader(images, batch, is_train, exp.data.num_workers, exp.seed)
+    return loaders
+
+
+# ------------------------------------------------------------------------- run directory, resume
+
+
+def prepare_run_dir(exp: config.Experiment, resume: bool) -> Path:
+    run_dir = Path(exp.output.root) / exp.name
+    ckpt_io.clean_temp_files(run_dir)
+    finished = (run_dir / "metrics.json").exists()
+    started = (run_dir / LAST).exists() or (run_dir / "config.toml").exists()
+    if finished:
+        raise UserError(
+            f"{run_dir} already holds a finished run (metrics.json). To keep it, change `name` in the experiment; "
+            f"to replace it, delete the folder first (rm -r {run_dir})"
+        )
+    if started and not resume:
+        raise UserError(
+            f"{run_dir} holds an unfinished run. Continue it with --resume, or delete the folder (rm -r {run_dir})"
+        )
+    if resume and (run_dir / "config.toml").exists():
+        previous = config.load(run_dir / "config.toml")
+        changed = differing_keys(previous.model_dump(mode="json"), exp.model_dump(mode="json"))
+        if changed:
+            raise UserError(
+                f"cannot resume {run_dir}: the experiment changed since the run started: {', '.join(changed)}. "
+                "Restore those values, or start a new run under another `name`"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = list(dict.fromkeys([*a, *b]))
+        return [k for key in keys for k in differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def save(path, exp, model, classes, state, optimizer=None, schedule=None) -> None:
+    meta = {
+        "classes": classes,
+        "arch": exp.model.arch,
+        "experiment": config.to_toml(exp),
+        "epoch": state.epoch,
+        "imgcls_version": imgcls.__version__,
+    }
+    optim_tensors, rng = {}, {}
+    if optimizer is not None:
+        optim_tensors, skeleton = ckpt_io.flatten_state(
+            {"optimizer": optimizer.state_dict(), "scheduler": schedule.scheduler.state_dict()}, "s"
+        )
+        meta |= {"resume": skeleton, "loop": state.to_json()}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+    ckpt_io.save(path, ckpt_io.Checkpoint(model.state_dict(), meta, optim_tensors, rng))
+
+
+def restore(path, exp, model, optimizer, schedule, monitor, device) -> train.LoopState:
+    saved = ckpt_io.load(path)
+    if "resume" not in saved.meta:
+        raise CheckpointError(f"{path}: holds weights only, not the state needed to resume")
+    model.load_state_dict(saved.model)
+    states = ckpt_io.unflatten_state(saved.meta["resume"], saved.optim)
+    optimizer.load_state_dict(states["optimizer"])
+    schedule.scheduler.load_state_dict(states["scheduler"])
+    state = train.LoopState(**saved.meta["loop"])
+    for key, value in state.monitor.items():
+        setattr(monitor, key, value)
+    torch.set_rng_state(saved.rng["torch"])
+    if "cuda" in saved.rng and device.type == "cuda":
+        torch.cuda.set_rng_state(saved.rng["cuda"])
+    print(f"resuming {path.parent} after epoch {state.epoch}", file=sys.stderr)
+    return state
+
+
+# ----------------------------------------------------------------------- inference from a checkpoint
+
+
+@dataclass
+class Loaded:
+    exp: config.Experiment
+    model: nn.Module
+    classes: list[str]
+    device: torch.device
+    prepare_input: Callable[[torch.Tensor], torch.Tensor]
+
+
+def load_for_inference(exp_path: str, ckpt_path: str) -> Loaded:
+    """Experiment + checkpoint -> model in eval mode, refusing a checkpoint that does not match."""
+    exp = config.load(exp_path)
+    saved = ckpt_io.load(ckpt_path)
+    trained = config.loads(saved.meta["experiment"], f"{ckpt_path} (stored experiment)")
+    if trained.model != exp.model:
+        diff = differing_keys(trained.model.model_dump(mode="json"), exp.model.model_dump(mode="json"), "model.")
+        raise CheckpointError(
+            f"{ckpt_path} was trained with a different model than {exp_path}: {', '.join(diff)} differ "
+            f"(checkpoint: arch {trained.model.arch!r}); use the experiment the checkpoint came from"
+        )
+    if Path(exp.data.train_dir).is_dir():
+        classes_now = data.scan_classes(exp.data.train_dir)
+        if classes_now != saved.classes:
+            raise CheckpointError(
+                f"{ckpt_path} knows classes {saved.classes}, but {exp.data.train_dir} has {classes_now}: "
+                f"missing from the checkpoint {sorted(set(classes_now) - set(saved.classes))}, "
+                f"extra in it {sorted(set(saved.classes) - set(classes_now))}"
+            )
+    device = resolve_device(exp.device)
+    model = build(exp, len(saved.classes), device, pretrained=False)
+    try:
+        model.load_state_dict(saved.model)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt_path}: weights do not fit model {exp.model.arch!r}: {e}") from None
+    model.eval()
+    return Loaded(exp, model, saved.classes, device, input_preparer(exp, device))
+
+
+def evaluate_checkpoint(exp_path: str, ckpt_path: str, split: str) -> dict[str, Any]:
+    loaded = load_for_inference(exp_path, ckpt_path)
+    exp = loaded.exp
+    root = exp.data.val_dir if split == "val" else exp.data.test_dir
+    if root is None:
+        raise ConfigError(exp_path, ["data.test_dir is not set, so there is no test split to evaluate"])
+    images = data.scan_split(split, root, loaded.classes)
+    decoded, failures = data._decode_split(images, exp.data.resize_size, progress=False)
+    for f in failures:
+        print(f"skipped: {f}", file=sys.stderr)
+    dataset = data.ImageSet(images, decoded, exp.data.resize_size, data.eval_transform(exp.data.image_size), exp.seed)
+    loader = data.make_loader(dataset, exp.data.eval_batch_size, False, 0, exp.seed)
+    logits, labels = evaluate.predict_logits(loaded.model, loader, loaded.prepare_input, loaded.device, exp.train.precision)
+    return evaluate.compute_metrics(logits, labels, loaded.classes)
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def print_preflight(rep: dict[str, Any]) -> None:
+    lines = [f"classes ({len(rep['classes'])}): {', '.join(rep['classes'])}"]
+    for name, split in rep["splits"].items():
+        skipped = sum(split["skipped_files"].values())
+        lines.append(f"{name}: {split['images']} images" + (f", {skipped} non-image files skipped" if skipped else ""))
+    lines += [f"skipped unreadable: {b}" for b in rep["bad_images"]]
+    lines += [f"warning: {w}" for w in rep["warnings"]]
+    print("\n".join(lines), file=sys.stderr)
+
+
+def environment() -> dict[str, Any]:
+    import torchvision
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "imgcls": imgcls.__version__,
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+class Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def guarded(fn: Callable[[], int]) -> int:
+    """Run a command: user errors print one clear message (no traceback) and exit non-zero."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last finished epoch is saved: continue with --resume", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated; the last finished epoch is saved: continue with --resume", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imgcls.run", description="Train and evaluate one experiment.")
+    parser.add_argument("experiment", help="path to the experiment TOML file")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved experiment; read no images")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run of this experiment")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    def go() -> int:
+        exp = config.load(args.experiment)
+        if args.dry_run:
+            print(config.to_toml(exp.model_copy(update={"device": resolve_device(exp.device).type})), end="")
+            return 0
+        results = run(exp, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
+        run_dir = Path(exp.output.root) / exp.name
+        for split in ("val", "test"):
+            if split in results:
+                m = results[split]
+                print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}")
+        print(f"best epoch {results['best_epoch']} of {results['epochs_run']}; results in {run_dir}")
+        return 0
+
+    return guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Training: the optimizer and scheduler builders, the best/early-stopping monitor, and the loop.
+
+The loop is flat PyTorch: one epoch is forward, loss, backward, step over the loader. Its whole
+state (weights, optimizer, scheduler, monitor, history, RNG) is saved after every epoch, so a
+killed run resumes at the next epoch with exactly the bits it would have had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+from tqdm import tqdm
+from typing_extensions import assert_never
+
+from imgcls import config as C
+from imgcls.errors import UserError
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def build_optimizer(cfg: C.Optimizer, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    match cfg:
+        case C.Adam():
+            return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        case C.AdamW():
+            return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        case C.SGD():
+            return torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+            )
+        case _:
+            assert_never(cfg)
+
+
+@dataclass
+class Schedule:
+    """A torch scheduler plus when it steps: after each batch (onecycle) or each epoch (the rest)."""
+
+    scheduler: Any
+    per_batch: bool
+    monitor: str | None = None  # plateau: the metric passed to step()
+
+
+def build_scheduler(cfg: C.Scheduler, optimizer, epochs: int, steps_per_epoch: int) -> Schedule:
+    match cfg:
+        case C.NoScheduler():
+            return Schedule(lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), per_batch=False)
+        case C.StepLR():
+            return Schedule(lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma), per_batch=False)
+        case C.CosineLR():
+            return Schedule(lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.eta_min), per_batch=False)
+        case C.PlateauLR():
+            mode = "min" if cfg.monitor == "val_loss" else "max"
+            plateau = lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr
+            )
+            return Schedule(plateau, per_batch=False, monitor=cfg.monitor)
+        case C.OneCycleLR():
+            onecycle = lr_scheduler.OneCycleLR(
+                optimizer, max_lr=cfg.max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start
+            )
+            return Schedule(onecycle, per_batch=True)
+        case _:
+            assert_never(cfg)
+
+
+# --------------------------------------------------------------------------------------- monitor
+
+
+@dataclass
+class Monitor:
+    """Tracks the best epoch and decides early stopping.
+
+    The best checkpoint is the first argmin (val_loss) or argmax (val_acc). Patience counts epochs
+    since the last improvement larger than min_delta over the value at that improvement (Keras's
+    rule); a NaN is never an improvement.
+    """
+
+    mode: Literal["min", "max"]
+    patience: int | None = None  # None: never stop early
+    min_delta: float = 0.0
+    best: float | None = None
+    best_epoch: int = 0
+    reference: float | None = None
+    bad_epochs: int = 0
+
+    def _better(self, value: float, than: float | None, delta: float) -> bool:
+        if math.isnan(value):
+            return False
+        if than is None:
+            return True
+        return value < than - delta if self.mode == "min" else value > than + delta
+
+    def update(self, epoch: int, value: float) -> tuple[bool, bool]:
+        """Record one epoch's value; return (is the new best, should training stop)."""
+        is_best = self._better(value, self.best, 0.0)
+        if is_best:
+            self.best, self.best_epoch = value, epoch
+        if self._better(value, self.reference, self.min_delta):
+            self.reference, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return is_best, self.patience is not None and self.bad_epochs >= self.patience
+
+
+def build_monitor(exp: C.Experiment) -> Monitor:
+    mode = "min" if exp.train.select_best == "val_loss" else "max"
+    if exp.early_stopping is None:
+        return Monitor(mode)
+    return Monitor(mode, exp.early_stopping.patience, exp.early_stopping.min_delta)
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+
+@dataclass
+class LoopState:
+    """What the loop carries between epochs, saved in every last checkpoint for resume."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    monitor: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    prepare_input: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    device: torch.device,
+    precision: str,
+    epoch: int,
+    progress: bool,
+) -> dict[str, float]:
+    model.train()
+    loader.batch_sampler.set_epoch(epoch)
+    n_steps = len(loader)
+    losses = torch.zeros(n_steps, device=device)  # kept on device: read every few steps, not every step
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
+    for step, (images, labels) in enumerate(bar):
+        x, y = prepare_input(images), labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule.per_batch:
+            schedule.scheduler.step()
+        losses[step] = loss.detach()
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if step % 10 == 9 or step == n_steps - 1:
+            window = losses[max(0, step - 9) : step + 1]
+            _check_finite(window, epoch, step - len(window) + 1)
+            bar.set_postfix(loss=f"{window.mean().item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return {"train_loss": losses.mean().item(), "train_acc": correct.item() / max(seen, 1)}
+
+
+def _check_finite(window: torch.Tensor, epoch: int, first_step: int) -> None:
+    bad = (~torch.isfinite(window)).nonzero()
+    if len(bad):
+        step = first_step + int(bad[0]) + 1
+        raise NonFiniteLoss(
+            f"the training loss became {window[int(bad[0])].item()} at epoch {epoch}, step {step}; "
+            "no checkpoint holds these weights. Lower optimizer.lr, or check the data"
+        )
+
+
+def step_epoch_scheduler(schedule: Schedule, metrics: dict[str, float]) -> None:
+    if schedule.per_batch:
+        return
+    if schedule.monitor is not None:
+        schedule.scheduler.step(metrics[schedule.monitor])
+    else:
+        schedule.scheduler.step()
+
+
+def epoch_row(epoch: int, train: dict[str, float], val: dict[str, float], lr: float, seconds: float) -> dict[str, float]:
+    return {
+        "epoch": epoch,
+        "train_loss": train["train_loss"],
+        "train_acc": train["train_acc"],
+        "val_loss": val["loss"],
+        "val_acc": val["accuracy"],
+        "lr": lr,
+        "seconds": seconds,
+    }
+
+
+def now() -> float:
+    return time.perf_counter()
