@@ -293,12 +293,12 @@ def load_for_inference(exp_path: str, ckpt_path: str) -> Loaded:
     return Loaded(exp, model, saved.classes, device, input_preparer(exp, device))
 
 
-def evaluate_checkpoint(exp_path: str, ckpt_path: str, split: str) -> dict[str, Any]:
-    loaded = load_for_inference(exp_path, ckpt_path)
+def split_logits(loaded: Loaded, split: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Paths, logits and labels of a split, through the same decode and eval transform as training."""
     exp = loaded.exp
     root = exp.data.val_dir if split == "val" else exp.data.test_dir
     if root is None:
-        raise ConfigError(exp_path, ["data.test_dir is not set, so there is no test split to evaluate"])
+        raise ConfigError("experiment", ["data.test_dir is not set, so there is no test split to evaluate"])
     images = data.scan_split(split, root, loaded.classes)
     decoded, failures = data._decode_split(images, exp.data.resize_size, progress=False)
     for f in failures:
@@ -306,6 +306,12 @@ def evaluate_checkpoint(exp_path: str, ckpt_path: str, split: str) -> dict[str, 
     dataset = data.ImageSet(images, decoded, exp.data.resize_size, data.eval_transform(exp.data.image_size), exp.seed)
     loader = data.make_loader(dataset, exp.data.eval_batch_size, False, 0, exp.seed)
     logits, labels = evaluate.predict_logits(loaded.model, loader, loaded.prepare_input, loaded.device, exp.train.precision)
+    return images.paths, logits, labels
+
+
+def evaluate_checkpoint(exp_path: str, ckpt_path: str, split: str) -> dict[str, Any]:
+    loaded = load_for_inference(exp_path, ckpt_path)
+    _, logits, labels = split_logits(loaded, split)
     return evaluate.compute_metrics(logits, labels, loaded.classes)
 
 

@@ -1,0 +1,138 @@
+"""The whole path a user walks: run an experiment, then evaluate and predict with its checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imgcls import config
+from imgcls.run import load_for_inference, split_logits
+
+from .helpers import make_split, tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+
+def imgcls(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data"
+    make_split(data / "train", per_class=12, size=40, seed=1)
+    make_split(data / "val", per_class=4, size=40, seed=2)
+    make_split(data / "test", per_class=4, size=40, seed=3)
+    exp = root / "tiny.toml"
+    exp.write_text(tiny_experiment(data, root / "runs", epochs=4))
+    result = imgcls("imgcls.run", str(exp), cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root, exp, root / "runs" / "tiny", result
+
+
+def test_run_directory_holds_every_result_file(finished_run):
+    _, _, run_dir, _ = finished_run
+    for name in (
+        "config.toml", "metrics.json", "history.csv", "curves.png", "confusion_matrix_val.png",
+        "confusion_matrix_test.png", "classification_report.txt", "best.safetensors", "last.safetensors",
+        "env.json", "preflight.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    for png in run_dir.glob("*.png"):
+        with Image.open(png) as img:
+            assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_metrics_are_consistent_with_the_data(finished_run):
+    _, _, run_dir, _ = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["classes"] == ["circle", "square", "triangle"]
+    for split, n in (("val", 12), ("test", 12)):
+        m = metrics[split]
+        assert sum(map(sum, m["confusion_matrix"])) == n == m["images"]
+        diagonal = sum(m["confusion_matrix"][i][i] for i in range(3))
+        assert m["accuracy"] == pytest.approx(diagonal / n)
+        assert sum(c["support"] for c in m["per_class"].values()) == n
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] == 4
+    # Three colour-coded shapes: a few epochs are far better than the 1/3 chance rate.
+    assert metrics["val"]["accuracy"] >= 0.75
+
+
+def test_history_has_one_row_per_epoch_and_best_epoch_is_the_argmin(finished_run):
+    _, _, run_dir, _ = finished_run
+    rows = list(csv.DictReader((run_dir / "history.csv").open()))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    losses = [float(r["val_loss"]) for r in rows]
+    assert metrics["best_epoch"] == losses.index(min(losses)) + 1
+    assert metrics["val"]["loss"] == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_resolved_config_revalidates_and_redumps_identically(finished_run):
+    _, exp_path, run_dir, _ = finished_run
+    text = (run_dir / "config.toml").read_text()
+    resolved = config.loads(text)
+    assert config.to_toml(resolved) == text
+    assert resolved.device == "cpu"
+    original = config.load(exp_path)
+    assert resolved == original
+
+
+def test_evaluate_cli_reproduces_the_runs_test_metrics(finished_run):
+    root, exp, run_dir, _ = finished_run
+    result = imgcls("imgcls.evaluate", str(exp), str(run_dir / "best.safetensors"), "--split", "test", "--json", cwd=root)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert json.loads(result.stdout)["confusion_matrix"] == metrics["test"]["confusion_matrix"]
+    assert json.loads(result.stdout)["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-6)
+
+
+def test_predict_top_class_matches_evaluate_for_each_image(finished_run):
+    root, exp, run_dir, _ = finished_run
+    ckpt = run_dir / "best.safetensors"
+    result = imgcls("imgcls.predict", str(exp), str(ckpt), str(root / "data" / "val"), "--json", "--top-k", "3", cwd=root)
+    assert result.returncode == 0, result.stderr
+    predicted = {r["path"]: r["top"] for r in json.loads(result.stdout)}
+    loaded = load_for_inference(str(exp), str(ckpt))
+    paths, logits, _ = split_logits(loaded, "val")
+    assert sorted(predicted) == sorted(paths)
+    for path, row in zip(paths, logits):
+        top = predicted[path]
+        assert top[0]["class"] == loaded.classes[int(row.argmax())]
+        assert top[0]["probability"] == pytest.approx(float(row.softmax(0).max()), abs=1e-5)
+        assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_writes_csv(finished_run):
+    root, exp, run_dir, _ = finished_run
+    image = next((root / "data" / "test" / "square").glob("*.png"))
+    result = imgcls("imgcls.predict", str(exp), str(run_dir / "best.safetensors"), str(image), "--csv", cwd=root)
+    assert result.returncode == 0, result.stderr
+    (row,) = list(csv.DictReader(result.stdout.splitlines()))
+    assert row["path"] == str(image) and row["class1"] in ("circle", "square", "triangle")
+
+
+def test_a_finished_run_is_never_overwritten(finished_run):
+    root, exp, run_dir, _ = finished_run
+    before = (run_dir / "metrics.json").read_bytes()
+    result = imgcls("imgcls.run", str(exp), cwd=root)
+    assert result.returncode == 2
+    assert "finished run" in result.stderr and "Traceback" not in result.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def test_dry_run_reads_no_images(tmp_path):
+    exp = tmp_path / "e.toml"
+    exp.write_text(tiny_experiment(tmp_path / "nowhere", tmp_path / "runs"))
+    result = imgcls("imgcls.run", str(exp), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert config.loads(result.stdout).name == "tiny"
+    assert not (tmp_path / "runs").exists()
