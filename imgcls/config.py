@@ -348,9 +348,9 @@ class Experiment(Section):
     device: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description='"auto" picks cuda when available; the run records the resolved value'
     )
-    data: DataConfig
+    data: DataConfig = Field(description="where the images are and how they are batched")
     augment: list[Augment] = Field([], description="training-time augmentations, applied in order")
-    model: Model
+    model: Model = Field(description="the network")
     optimizer: Optimizer = Field({"name": "adam"}, description="optimizer and its settings")
     scheduler: Scheduler = Field({"name": "none"}, description="learning-rate schedule")
     train: TrainConfig = Field({}, description="training loop settings")
@@ -445,15 +445,8 @@ def _describe(err: dict[str, Any]) -> str:
     else:
         message = err["msg"].removeprefix("Value error, ")
         if "input" in err and not isinstance(err["input"], dict):
-            message += f" (got {_toml_repr(err['input'])})"
+            message += f" (got {_inline(err['input'])})"
     return f"{key or '<top level>'}: {message}"
-
-
-def _toml_repr(value: Any) -> str:
-    try:
-        return tomli_w.dumps({"v": value})[4:].strip()
-    except (TypeError, ValueError):
-        return json.dumps(value, default=str)
 
 
 def _key_path(loc: tuple) -> tuple[str, type[BaseModel] | None]:
@@ -515,30 +508,28 @@ def _tag_of(model: Any) -> str | None:
 
 def reference() -> str:
     """The README's reference section, generated from the schema so the two cannot drift."""
-    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, skip: str | None = None) -> None:
         for name, field in model.model_fields.items():
+            if name == skip:
+                continue
             key = f"{prefix}{name}"
             annotation = _strip(field.annotation)
-            inner = _strip(typing.get_args(annotation)[0]) if typing.get_origin(annotation) is list else None
-            members = _union_members(inner if inner is not None else annotation)
+            is_list = typing.get_origin(annotation) is list
+            inner = _strip(typing.get_args(annotation)[0]) if is_list else annotation
+            members = _union_members(inner) or [inner]
             variants = [m for m in members if _tag_of(m) is not None]
-            if variants:
-                lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
-                for variant in variants:
-                    walk(variant, f"{key}{'[]' if inner is not None else ''}.{{{_tag_of(variant)}}}.")
-                continue
-            sub = [m for m in (members or [annotation]) if isinstance(m, type) and issubclass(m, BaseModel)]
-            if sub and not (name in ("op", "arch", "name") and prefix):
-                lines.append(f"| `[{key}]` | table | {_default(field)} | {field.description or ''} |")
-                for s in sub:
-                    walk(s, f"{key}.")
-                continue
-            lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
+            tables = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel) and m not in variants]
+            rows.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
+            for variant in variants:
+                tag_key = next(k for k in ("op", "arch", "name") if k in variant.model_fields)
+                walk(variant, f'{key}[{tag_key}="{_tag_of(variant)}"].', skip=tag_key)
+            for table in tables:
+                walk(table, f"{key}.")
 
     walk(Experiment, "")
-    return "\n".join(lines) + "\n"
+    return "\n".join(rows) + "\n"
 
 
 def _type_name(annotation: Any) -> str:
@@ -546,6 +537,9 @@ def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return " \\| ".join(f'`"{a}"`' for a in typing.get_args(annotation))
     members = _union_members(annotation)
+    if members and all(_tag_of(m) is not None for m in members):
+        tag_key = next(k for k in ("op", "arch", "name") if k in members[0].model_fields)
+        return f"table chosen by `{tag_key}`"
     if members:
         return " \\| ".join(_type_name(m) for m in members)
     if typing.get_origin(annotation) is list:
@@ -558,12 +552,24 @@ def _type_name(annotation: Any) -> str:
 def _default(field: Any) -> str:
     if field.is_required():
         return "required"
-    default = field.default
-    if default is None:
+    if field.default is None:
         return "absent"
-    if isinstance(default, dict):
-        return "{" + ", ".join(f"{k} = {_toml_repr(v)}" for k, v in default.items()) + "}"
-    return f"`{_toml_repr(default)}`"
+    return f"`{_inline(field.default)}`"
+
+
+def _inline(value: Any) -> str:
+    """A TOML value on one line (tomli_w spreads arrays over several)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return repr(round(value, 6))
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_inline(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
