@@ -109,7 +109,10 @@ def _load_backbone_file(backbone: nn.Module, path: str) -> None:
     if any(k.startswith("backbone.") for k in state):  # an imgcls checkpoint: keep the backbone, drop its head
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    result = backbone.load_state_dict(state, strict=False)
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{path}: not a ResNet18 state dict ({str(e).splitlines()[-1].strip()})") from None
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     if missing or result.unexpected_keys:
         raise CheckpointError(
