@@ -371,6 +371,11 @@ class Experiment(Section):
                 f"early_stopping.monitor = {self.early_stopping.monitor!r} but train.select_best = "
                 f"{self.train.select_best!r}: set both to the same metric"
             )
+        if isinstance(self.scheduler, CosineLR) and self.scheduler.eta_min > self.optimizer.lr:
+            problems.append(
+                f"scheduler.eta_min = {self.scheduler.eta_min} is above optimizer.lr = {self.optimizer.lr}: "
+                "cosine annealing would raise the learning rate; set eta_min <= lr"
+            )
         problems += _augment_size_problems(self.augment, self.data)
         if problems:
             raise ValueError("; ".join(problems))
