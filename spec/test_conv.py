@@ -181,20 +181,22 @@ def linear_twin(backbone: nn.Module) -> nn.Module:
     return twin
 
 
+def span(size: int, start: int, length: int) -> torch.Tensor:
+    index = torch.arange(size)
+    return (index >= start) & (index < start + length)
+
+
 def check_receptive_field(formula, cfg: C.ScratchCNN, extra: int, i: int, j: int, seed: int) -> None:
     n = len(cfg.channels)
     field = formula(cfg)
     torch.manual_seed(seed)
     backbone = models.build_model(cfg, 2).backbone.double().eval()
-    assert structural_receptive_field(backbone)[0] == field
     jump, offset = 2**n, 2**n - 1  # each block doubles the spacing; conv padding 1 at spacing 2**i shifts the origin
+    assert structural_receptive_field(backbone) == (field, jump, offset)
     size = 2**n + extra
     feats = nn.Sequential(*list(backbone)[:-2])  # up to the last MaxPool: one feature per window
-    out_size = size // jump
-    i, j = i % out_size, j % out_size
-    expected = ((torch.arange(size) >= i * jump - offset) & (torch.arange(size) < i * jump - offset + field))[
-        :, None
-    ] & ((torch.arange(size) >= j * jump - offset) & (torch.arange(size) < j * jump - offset + field))[None, :]
+    i, j = i % (size // jump), j % (size // jump)
+    expected = span(size, i * jump - offset, field)[:, None] & span(size, j * jump - offset, field)[None, :]
     x = torch.rand(4, 3, size, size, dtype=torch.float64, generator=generator(seed), requires_grad=True)
     feats(x)[:, :, i, j].sum().backward()
     assert not ((x.grad.abs().sum((0, 1)) != 0) & ~expected).any(), "gradient outside the receptive field"
