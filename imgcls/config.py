@@ -188,7 +188,8 @@ class RandomErasing(Section):
     @model_validator(mode="after")
     def _check(self) -> RandomErasing:
         _ordered(self.scale, "scale")
-        _ordered(self.ratio, "ratio")
+        if _ordered(self.ratio, "ratio")[0] <= 0:
+            raise ValueError(f"ratio = {self.ratio} must be positive")  # torchvision takes its log
         return self
 
 
@@ -370,9 +371,50 @@ class Experiment(Section):
                 f"early_stopping.monitor = {self.early_stopping.monitor!r} but train.select_best = "
                 f"{self.train.select_best!r}: set both to the same metric"
             )
+        if isinstance(self.scheduler, CosineLR) and self.scheduler.eta_min > self.optimizer.lr:
+            problems.append(
+                f"scheduler.eta_min = {self.scheduler.eta_min} is above optimizer.lr = {self.optimizer.lr}: "
+                "cosine annealing would raise the learning rate; set eta_min <= lr"
+            )
+        problems += _augment_size_problems(self.augment, self.data)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _augment_size_problems(ops: list[Augment], data: DataConfig) -> list[str]:
+    """Ops that torchvision cannot apply to the images they receive, found before any image is read.
+
+    Without this the run fails in epoch 1 inside a DataLoader worker with a torch padding error.
+    `side` is the shorter side entering each op: resize_size after decoding, then changed by crops
+    and resizes. Reflect padding must be narrower than the side (symmetric: at most the side).
+    """
+    problems, side = [], data.resize_size
+    for i, op in enumerate(ops):
+        match op:
+            case GaussianBlur() if op.kernel_size // 2 >= side:
+                problems.append(
+                    f"augment[{i}].kernel_size = {op.kernel_size} is too large for the {side}-pixel side it "
+                    f"blurs: use at most {2 * side - 1}"
+                )
+            case RandomCrop() if op.padding_mode in ("reflect", "symmetric"):
+                pad = op.padding + max(0, data.image_size - side - 2 * op.padding)  # + pad_if_needed's share
+                if pad > side or (pad == side and op.padding_mode == "reflect"):
+                    problems.append(
+                        f"augment[{i}]: padding_mode = {op.padding_mode!r} cannot pad {pad} pixels onto the "
+                        f"{side}-pixel side it receives; lower padding or use \"constant\" or \"edge\""
+                    )
+            case RandomResizedCrop() if op.ratio[0] > side or op.ratio[1] < 1 / side:
+                problems.append(
+                    f"augment[{i}].ratio = {op.ratio} can give crops less than a pixel wide on the {side}-pixel "
+                    f"side it receives: the range must reach into [1/{side}, {side}]"
+                )
+        match op:
+            case RandomResizedCrop() | RandomCrop():
+                side = data.image_size
+            case Resize():
+                side = op.size
+    return problems
 
 
 # -------------------------------------------------------------------------------- load and dump

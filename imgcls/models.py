@@ -53,6 +53,16 @@ def scratch_cnn(cfg: C.ScratchCNN, num_classes: int) -> Classifier:
     return Classifier(backbone, head)
 
 
+def receptive_field(cfg: C.ScratchCNN) -> int:
+    """Side, in input pixels, of the window that one feature seen by the global pooling depends on.
+
+    Block i (from 0) adds conv3x3's 2 and MaxPool(2)'s 1 input-of-block pixels, each worth 2**i
+    image pixels: 1 + 3 * (2**n - 1). Objects larger than this are only seen in parts, which the
+    global average then mixes; spec/test_conv.py checks the formula against the built layers.
+    """
+    return 3 * 2 ** len(cfg.channels) - 2
+
+
 def resnet18(cfg: C.ResNet18, num_classes: int) -> Classifier:
     from torchvision.models import resnet18 as tv_resnet18
 

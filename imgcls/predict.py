@@ -47,11 +47,10 @@ def classify(loaded, paths: list[str], top_k: int) -> tuple[list[dict], list[str
         with torch.inference_mode():
             logits = loaded.model(loaded.prepare_input(torch.stack(batch))).float().cpu()
         probs = logits.softmax(1)
-        top = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        for path, values, indices in zip(batch_paths, top.values, top.indices):
-            results.append(
-                {"path": path, "top": [{"class": loaded.classes[i], "probability": float(p)} for p, i in zip(values, indices)]}
-            )
+        # Rank by logits, as evaluation's argmax does: logits 1e-10 apart have equal float32 probabilities.
+        top = logits.topk(min(top_k, probs.shape[1]), dim=1).indices
+        for path, p, indices in zip(batch_paths, probs, top):
+            results.append({"path": path, "top": [{"class": loaded.classes[i], "probability": float(p[i])} for i in indices]})
         batch_paths.clear()
         batch.clear()
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from typing_extensions import assert_never
 
 from imgcls import config as C
-from imgcls.errors import UserError
+from imgcls.errors import ConfigError, UserError
 
 
 class NonFiniteLoss(UserError):
@@ -66,6 +66,16 @@ def build_scheduler(cfg: C.Scheduler, optimizer, epochs: int, steps_per_epoch: i
             )
             return Schedule(plateau, per_batch=False, monitor=cfg.monitor)
         case C.OneCycleLR():
+            total = epochs * steps_per_epoch
+            if cfg.pct_start * total == 1:  # torch's OneCycleLR divides by pct_start * total - 1
+                raise ConfigError(
+                    "experiment",
+                    [
+                        f"scheduler.pct_start = {cfg.pct_start} makes the warm-up exactly 1 of the {total} optimizer "
+                        f"steps ({epochs} epochs x {steps_per_epoch} batches), which OneCycleLR cannot schedule; "
+                        "choose another pct_start"
+                    ],
+                )
             onecycle = lr_scheduler.OneCycleLR(
                 optimizer, max_lr=cfg.max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start
             )

@@ -1,0 +1,1 @@
+"""Property tests of the textbook claims imgcls is built on (see CLAIMS.md)."""

@@ -1,0 +1,215 @@
+"""Claim 12: every learning-rate schedule imgcls builds follows its closed form.
+
+The schedules come from `train.build_scheduler` and are stepped the way `run.fit` steps them:
+onecycle after every batch, the others after every epoch through `train.step_epoch_scheduler`
+(plateau with the validation metric it watches). The references below are written from the
+formulas in PyTorch's documentation, not from its code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from imgcls import config as C
+from imgcls import train
+from imgcls.errors import ConfigError
+
+from .strategies import monitored_value, number, section
+from .support import falsify
+
+# Magnitudes a real experiment uses; the schema's extremes (a gamma of 1e-320) only test float rounding.
+SCHEDULES = {
+    C.NoScheduler: {},
+    C.StepLR: {"step_size": st.integers(1, 6), "gamma": number(0.01, 1)},
+    C.CosineLR: {"eta_min": number(0, 1e-3)},
+    C.PlateauLR: {
+        "monitor": st.sampled_from(["val_loss", "val_acc"]),
+        "factor": number(0.01, 0.99),
+        "patience": st.integers(0, 4),
+        "min_lr": number(0, 1e-2),
+    },
+    C.OneCycleLR: {"max_lr": number(1e-4, 10), "pct_start": number(0.01, 0.99)},
+}
+
+
+@st.composite
+def cases(draw, kinds=tuple(SCHEDULES)) -> dict:
+    epochs = draw(st.integers(1, 12))
+    kind = draw(st.sampled_from(kinds))
+    return {
+        "cfg": kind.model_validate(draw(section(kind, SCHEDULES[kind]))),
+        "lr": draw(number(1e-3, 1)),
+        "epochs": epochs,
+        "steps": draw(st.integers(1, 5)),
+        "metrics": [{"val_loss": draw(monitored_value), "val_acc": draw(monitored_value)} for _ in range(epochs)],
+    }
+
+
+def observed_lrs(build, case: dict) -> list[float]:
+    """The learning rate of every optimizer step of a run, stepping the schedule as run.fit does."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=case["lr"])
+    schedule = build(case["cfg"], optimizer, case["epochs"], case["steps"])
+    lrs = []
+    for epoch in range(case["epochs"]):
+        for _ in range(case["steps"]):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if schedule.per_batch:
+                schedule.scheduler.step()
+        train.step_epoch_scheduler(schedule, case["metrics"][epoch])
+    lrs.append(optimizer.param_groups[0]["lr"])  # after the last epoch: where the schedule ends
+    return lrs
+
+
+def cosine(start: float, end: float, pct: float) -> float:
+    return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
+
+
+def plateau_rule(cfg: C.PlateauLR, lr: float, metrics: list[dict]) -> list[float]:
+    """ReduceLROnPlateau as documented: after more than `patience` epochs without a relative improvement
+    of 1e-4 over the best value, multiply by factor (not below min_lr) and start counting again."""
+    lrs, best, bad = [lr], None, 0
+    for row in metrics:
+        value = row[cfg.monitor]
+        if cfg.monitor == "val_loss":
+            better = value < (math.inf if best is None else best * (1 - 1e-4))
+        else:
+            better = value > (-math.inf if best is None else best * (1 + 1e-4))
+        best, bad = (value, 0) if better else (best, bad + 1)
+        if bad > cfg.patience:
+            new = max(lr * cfg.factor, cfg.min_lr)
+            lr = new if lr - new > 1e-8 else lr
+            bad = 0
+        lrs.append(lr)
+    return lrs
+
+
+def closed_form(case: dict) -> list[float]:
+    """The learning rate of every optimizer step, and the value after the last epoch."""
+    cfg, lr, epochs, steps = case["cfg"], case["lr"], case["epochs"], case["steps"]
+    match cfg:
+        case C.NoScheduler():
+            per_epoch = [lr] * (epochs + 1)
+        case C.StepLR():
+            per_epoch = [lr * cfg.gamma ** (e // cfg.step_size) for e in range(epochs + 1)]
+        case C.CosineLR():
+            per_epoch = [cosine(lr, cfg.eta_min, e / epochs) for e in range(epochs + 1)]
+        case C.PlateauLR():
+            per_epoch = plateau_rule(cfg, lr, case["metrics"])
+        case C.OneCycleLR():
+            # Warm up from max_lr / 25 to max_lr over the first pct_start of the steps, then anneal to
+            # max_lr / 25 / 1e4 at the last step; both halves are cosines.
+            total, warm_end = epochs * steps, cfg.pct_start * epochs * steps - 1
+            initial, final = cfg.max_lr / 25, cfg.max_lr / 25 / 1e4
+
+            def at(t: int) -> float:
+                if t <= warm_end:
+                    return cosine(initial, cfg.max_lr, t / warm_end)
+                return cosine(cfg.max_lr, final, (t - warm_end) / (total - 1 - warm_end))
+
+            return [at(t) for t in range(total + 1)]
+    return [lr_e for lr_e in per_epoch[:-1] for _ in range(steps)] + per_epoch[-1:]
+
+
+def check_schedule(build, case: dict) -> None:
+    got, want = observed_lrs(build, case), closed_form(case)
+    assert len(got) == len(want)
+    assert all(math.isclose(g, w, rel_tol=1e-9, abs_tol=1e-15) for g, w in zip(got, want)), (got, want)
+
+
+@given(cases())
+@example(  # warm-up of exactly one step: pct_start * total - 1 == 0 must not divide by zero
+    {
+        "cfg": C.OneCycleLR(name="onecycle", max_lr=1.0, pct_start=0.25),
+        "lr": 0.1,
+        "epochs": 2,
+        "steps": 2,
+        "metrics": [{"val_loss": 1.0, "val_acc": 0.0}] * 2,
+    }
+)
+def test_every_scheduler_matches_its_closed_form(case):
+    """Every scheduler imgcls builds matches its closed form, at every optimizer step of a run: none (constant),
+    step (lr * gamma ** (epoch // step_size)), cosine, plateau (its documented rule) and onecycle."""
+    if isinstance(case["cfg"], C.OneCycleLR) and case["cfg"].pct_start * case["epochs"] * case["steps"] == 1:
+        with pytest.raises(ConfigError, match="scheduler.pct_start"):
+            observed_lrs(train.build_scheduler, case)
+        return
+    check_schedule(train.build_scheduler, case)
+
+
+def test_schedule_check_catches_wrong_stepping_and_modes():
+    """Broken variants: onecycle stepped per epoch, cosine over epochs + 1, plateau always minimising."""
+
+    def per_epoch_onecycle(cfg, optimizer, epochs, steps):
+        schedule = train.build_scheduler(cfg, optimizer, epochs * steps, 1)
+        schedule.per_batch = False
+        return schedule
+
+    def long_cosine(cfg, optimizer, epochs, steps):
+        return train.build_scheduler(cfg, optimizer, epochs + 1, steps)
+
+    def minimising_plateau(cfg, optimizer, epochs, steps):
+        schedule = train.build_scheduler(cfg.model_copy(update={"monitor": "val_loss"}), optimizer, epochs, steps)
+        schedule.monitor = cfg.monitor  # watches the right metric, in the wrong direction for val_acc
+        return schedule
+
+    falsify(lambda c: check_schedule(per_epoch_onecycle, c), cases((C.OneCycleLR,)).filter(lambda c: c["steps"] > 1))
+    falsify(lambda c: check_schedule(long_cosine, c), cases((C.CosineLR,)))
+    falsify(lambda c: check_schedule(minimising_plateau, c), cases((C.PlateauLR,)))
+
+
+cosines = st.tuples(number(1e-4, 1), number(0, 1e-1), st.integers(1, 30))
+
+
+def check_cosine_annealing(build, lr: float, eta_min: float, epochs: int) -> None:
+    try:
+        exp = C.validate(
+            {
+                "name": "c",
+                "data": {"train_dir": "t", "val_dir": "v"},
+                "model": {"arch": "scratch_cnn"},
+                "optimizer": {"name": "sgd", "lr": lr},
+                "scheduler": {"name": "cosine", "eta_min": eta_min},
+                "train": {"epochs": epochs},
+            }
+        )
+    except ConfigError as e:
+        assert eta_min > lr and "scheduler.eta_min" in str(e), e
+        return
+    case = {"cfg": exp.scheduler, "lr": exp.optimizer.lr, "epochs": epochs, "steps": 1, "metrics": [{}] * epochs}
+    lrs = observed_lrs(build, case)
+    assert lrs[0] == lr
+    assert math.isclose(lrs[epochs], eta_min, rel_tol=1e-12, abs_tol=1e-15)
+    assert all(b <= a for a, b in itertools.pairwise(lrs)), lrs
+
+
+@given(cosines)
+@example((0.01, 0.05, 3))  # eta_min above lr: the schema refuses it, or cosine annealing would increase
+def test_cosine_starts_at_lr_reaches_eta_min_never_increasing(args):
+    """CosineAnnealingLR starts at lr and reaches eta_min at T_max (= train.epochs, after the last epoch),
+    never increasing on the way."""
+    check_cosine_annealing(train.build_scheduler, *args)
+
+
+def test_cosine_check_catches_restarts_and_a_short_period():
+    """Broken variants: T_max = epochs - 1 (the schedule climbs back up in the last epoch) and T_max = epochs + 1."""
+
+    def period(delta):
+        def build(cfg, optimizer, epochs, steps):
+            return train.Schedule(
+                torch.optim.lr_scheduler.CosineAnnealingLR(
+                    optimizer, T_max=max(1, epochs + delta), eta_min=cfg.eta_min
+                ),
+                per_batch=False,
+            )
+
+        return build
+
+    falsify(lambda args: check_cosine_annealing(period(-1), *args), cosines)
+    falsify(lambda args: check_cosine_annealing(period(+1), *args), cosines)

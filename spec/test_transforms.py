@@ -1,0 +1,181 @@
+"""Claim 11 (transforms part): eval transforms are deterministic, train augmentations keep shape, dtype, label.
+
+Images reach the transforms as `data.decode` leaves them: uint8 (3, H, W) with the shorter side
+equal to data.resize_size. Samples are drawn through `data.ImageSet`, keyed by (epoch, index).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from imgcls import config as C
+from imgcls import data
+from imgcls.errors import ConfigError
+
+from .strategies import AUGMENT_FIELDS, RUNNABLE_AUGMENT_FIELDS, augment_ops, generator, seeds, tag_of
+from .support import falsify
+
+
+def decoded_image(resize_size: int, longer: int, portrait: bool, seed: int) -> torch.Tensor:
+    h, w = (longer, resize_size) if portrait else (resize_size, longer)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator(seed))
+
+
+def image_set(images: list[torch.Tensor], labels: list[int], resize_size: int, transform, seed: int) -> data.ImageSet:
+    split = data.Split("train", "unused", [f"{i}.png" for i in range(len(images))], labels)
+    return data.ImageSet(split, images, resize_size, transform, seed)
+
+
+@st.composite
+def decoded(draw) -> dict:
+    image_size = draw(st.integers(8, 24))
+    resize_size = draw(st.integers(image_size, image_size + 8))
+    return {
+        "image_size": image_size,
+        "resize_size": resize_size,
+        "longer": draw(st.integers(resize_size, resize_size + 8)),
+        "portrait": draw(st.booleans()),
+        "seed": draw(seeds),
+    }
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+def check_eval_deterministic(make_transform, d: dict) -> None:
+    """The same sample, fetched in different epochs under different global RNG states, is identical."""
+    image = decoded_image(d["resize_size"], d["longer"], d["portrait"], d["seed"])
+    items = image_set([image], [0], d["resize_size"], make_transform(d["image_size"]), d["seed"])
+    torch.manual_seed(d["seed"])
+    first = items[(1, 0)][0]
+    torch.manual_seed(d["seed"] + 1)
+    again = items[(2, 0)][0]
+    assert torch.equal(first, again)
+    assert first.shape == (3, d["image_size"], d["image_size"]) and first.dtype == torch.uint8
+
+
+@given(decoded())
+def test_eval_transform_is_deterministic(d):
+    """Every eval transform is deterministic: the centre crop gives the same pixels in every epoch and
+    under every global RNG state."""
+    check_eval_deterministic(data.eval_transform, d)
+
+
+def test_eval_check_catches_an_augmentation_used_for_evaluation():
+    """Broken variant: a training pipeline (random crop, flip) used as the eval transform."""
+    ops = [C.RandomResizedCrop(op="random_resized_crop"), C.HorizontalFlip(op="horizontal_flip")]
+    falsify(lambda d: check_eval_deterministic(lambda size: data.build_augment(ops, size), d), decoded())
+
+
+# ----------------------------------------------------------------------------------- train
+
+
+def experiment(d: dict, ops: list[dict]) -> C.Experiment:
+    return C.validate(
+        {
+            "name": "t",
+            "data": {"train_dir": "t", "val_dir": "v", "image_size": d["image_size"], "resize_size": d["resize_size"]},
+            "augment": ops,
+            "model": {"arch": "scratch_cnn", "channels": [2]},
+        }
+    )
+
+
+def check_augment_keeps_shape_dtype_label(build, d: dict, ops: list[dict], label: int, epoch: int) -> None:
+    """Schema-accepted pipelines give (3, image_size, image_size) uint8 and the same label; the schema
+    refuses the others by their augment index, before any image is read."""
+    try:
+        exp = experiment(d, ops)
+    except ConfigError as e:
+        assert all("augment[" in p for p in e.problems), e.problems
+        return
+    image = decoded_image(d["resize_size"], d["longer"], d["portrait"], d["seed"])
+    items = image_set(
+        [image, image], [label, label + 1], d["resize_size"], build(exp.augment, d["image_size"]), d["seed"]
+    )
+    for index in (0, 1):
+        out, out_label = items[(epoch, index)]
+        assert out.shape == (3, d["image_size"], d["image_size"]), out.shape
+        assert out.dtype == torch.uint8
+        assert out_label == label + index
+
+
+pipelines = st.tuples(
+    decoded(),
+    st.lists(augment_ops(RUNNABLE_AUGMENT_FIELDS), min_size=1, max_size=3),
+    st.integers(0, 9),
+    st.integers(1, 50),
+)
+
+
+SMALL = {"image_size": 8, "resize_size": 8, "longer": 8, "portrait": False, "seed": 0}
+# Counterexamples hypothesis found: each crashed torchvision inside the epoch until the schema refused it.
+CRASHED = [
+    (SMALL, [{"op": "gaussian_blur", "kernel_size": 17}], 0, 1),  # reflect padding 8 on an 8-pixel side
+    (SMALL, [{"op": "random_resized_crop", "ratio": [0.0625, 0.0625]}], 0, 1),  # fallback crop 0 pixels wide
+    (SMALL, [{"op": "random_erasing", "p": 1.0, "ratio": [0.0, 1.0]}], 0, 1),  # log(0)
+    (SMALL, [{"op": "random_crop", "padding": 8, "padding_mode": "reflect"}], 0, 1),
+    (
+        SMALL | {"image_size": 24, "resize_size": 24, "longer": 24},
+        [{"op": "resize", "size": 8}, {"op": "random_crop", "padding_mode": "symmetric"}],
+        0,
+        1,
+    ),
+]
+# ...and their neighbours that work, which the schema must keep accepting.
+WORKS = [
+    (SMALL, [{"op": "gaussian_blur", "kernel_size": 15}], 0, 1),
+    (SMALL, [{"op": "random_resized_crop", "ratio": [0.125, 0.125]}], 0, 1),
+    (SMALL, [{"op": "random_crop", "padding": 7, "padding_mode": "reflect"}], 0, 1),
+    (SMALL, [{"op": "random_crop", "padding": 8, "padding_mode": "symmetric"}], 0, 1),
+]
+
+
+@given(pipelines)
+@example(CRASHED[0])
+@example(CRASHED[1])
+@example(CRASHED[2])
+@example(CRASHED[3])
+@example(CRASHED[4])
+def test_every_train_augmentation_keeps_shape_dtype_and_label(args):
+    """Every train augmentation keeps shape, dtype and label: after any list of schema ops, a sample is a
+    (3, image_size, image_size) uint8 image with its own label."""
+    check_augment_keeps_shape_dtype_label(data.build_augment, *args)
+
+
+def test_augment_check_catches_a_pipeline_without_final_crop_or_with_float_output():
+    """Broken variants: dropping the final centre crop, and converting to float before the model's Normalize."""
+    from torchvision.transforms import v2
+
+    def no_crop(ops, size):
+        return v2.Compose([data._augment_op(op, size) for op in ops])
+
+    def to_float(ops, size):
+        return v2.Compose([data.build_augment(ops, size), v2.ToDtype(torch.float32, scale=True)])
+
+    falsify(lambda args: check_augment_keeps_shape_dtype_label(no_crop, *args), pipelines)
+    falsify(lambda args: check_augment_keeps_shape_dtype_label(to_float, *args), pipelines)
+
+
+@pytest.mark.parametrize("args", CRASHED)
+def test_schema_refuses_the_pipelines_torchvision_cannot_run(args):
+    """The pinned counterexamples are refused by the schema, and do crash when built without its checks."""
+    d, ops, _, _ = args
+    with pytest.raises(ConfigError, match=r"augment\[\d\]"):
+        experiment(d, ops)
+    op_class = {tag_of(cls)[1]: cls for cls in AUGMENT_FIELDS}
+    unchecked = [op_class[op["op"]].model_construct(**op) for op in ops]  # model_construct skips validation
+    image = decoded_image(d["resize_size"], d["longer"], d["portrait"], d["seed"])
+    with pytest.raises((RuntimeError, IndexError)):
+        data.build_augment(unchecked, d["image_size"])(image)
+
+
+@pytest.mark.parametrize("args", WORKS)
+def test_schema_accepts_the_pipelines_at_the_limit(args):
+    """One step short of each refused case, the schema accepts the pipeline and it runs."""
+    d, ops, label, epoch = args
+    experiment(d, ops)
+    check_augment_keeps_shape_dtype_label(data.build_augment, d, ops, label, epoch)
