@@ -295,7 +295,7 @@ class StepLR(Section):
 
 class CosineLR(Section):
     name: Literal["cosine"]
-    eta_min: float = Field(0.0, ge=0, description="learning rate reached at the last epoch")
+    eta_min: float = Field(0.0, ge=0, description="learning rate the cosine anneals towards, reached after the last epoch")
 
 
 class PlateauLR(Section):
@@ -378,7 +378,7 @@ class Experiment(Section):
             )
         problems += _augment_size_problems(self.augment, self.data)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(_SEPARATE.join(problems))
         return self
 
 
@@ -420,12 +420,17 @@ def _augment_size_problems(ops: list[Augment], data: DataConfig) -> list[str]:
 # -------------------------------------------------------------------------------- load and dump
 
 
+# Cross-field checks raise one ValueError; each problem in it names its own keys and becomes a line.
+_SEPARATE = "\n<next>"
+
+
 def validate(data: dict[str, Any], source: str = "<experiment>") -> Experiment:
     """Validate a parsed experiment, or raise ConfigError listing every problem with its key path."""
     try:
         return Experiment.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(source, [_describe(err) for err in e.errors()]) from None
+        problems = [line for err in e.errors() for line in _describe(err).split(_SEPARATE)]
+        raise ConfigError(source, problems) from None
 
 
 def load(path: str | os.PathLike) -> Experiment:
@@ -488,7 +493,9 @@ def _describe(err: dict[str, Any]) -> str:
         message = err["msg"].removeprefix("Value error, ")
         if "input" in err and not isinstance(err["input"], dict):
             message += f" (got {_inline(err['input'])})"
-    return f"{key or '<top level>'}: {message}"
+    if not key:  # cross-field problems name their keys themselves
+        return message
+    return f"{key}: {message}"
 
 
 def _key_path(loc: tuple) -> tuple[str, type[BaseModel] | None]:

@@ -77,7 +77,8 @@ def build_scheduler(cfg: C.Scheduler, optimizer, epochs: int, steps_per_epoch: i
                     ],
                 )
             onecycle = lr_scheduler.OneCycleLR(
-                optimizer, max_lr=cfg.max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start
+                optimizer, max_lr=cfg.max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start,
+                cycle_momentum=False,  # keep the momentum/betas the experiment sets instead of torch's 0.85-0.95 cycle
             )
             return Schedule(onecycle, per_batch=True)
         case _:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -102,13 +103,19 @@ def test_unknown_variant_names_the_discriminator():
         (dict(MINIMAL, optimizer={"name": "adam", "lr": 0}), "optimizer.lr"),
         (with_("data.num_workers", -1), "data.num_workers"),
         (with_("data.image_size", 4), "data.image_size"),
-        (dict(MINIMAL, data={"train_dir": "a", "val_dir": "b", "image_size": 16}, model={"arch": "resnet18"}), "<top level>"),
-        (dict(MINIMAL, early_stopping={"monitor": "val_acc"}), "<top level>"),
+        (dict(MINIMAL, data={"train_dir": "a", "val_dir": "b", "image_size": 16}, model={"arch": "resnet18"}), "data.image_size"),
+        (dict(MINIMAL, early_stopping={"monitor": "val_acc"}), "early_stopping.monitor"),
     ],
 )
 def test_impossible_values_are_refused(data, key):
     (p,) = problems(data)
-    assert p.split(":")[0] == key
+    assert re.match(r"[\w.\[\]]+", p).group() == key
+
+
+def test_cross_field_problems_are_listed_one_per_line():
+    data = dict(MINIMAL, data={"train_dir": "a", "val_dir": "b", "image_size": 8}, model={"arch": "resnet18"})
+    found = problems(dict(data, early_stopping={"monitor": "val_acc"}))
+    assert [p.split(" ")[0] for p in found] == ["data.image_size", "early_stopping.monitor"]
 
 
 def test_resolved_config_fills_every_default_and_round_trips():
