@@ -277,6 +277,19 @@ class ImageSet(Dataset):
         return image, self.split.labels[index]
 
 
+class FeatureSet(Dataset):
+    """Cached backbone features, keyed like ImageSet so the same sampler yields the same batches."""
+
+    def __init__(self, features: torch.Tensor, labels: list[int]):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        return self.features[key[1]], self.labels[key[1]]
+
+
 class EpochBatches(Sampler[list[tuple[int, int]]]):
     """Batches of (epoch, index) keys; the order is a pure function of (seed, epoch).
 
