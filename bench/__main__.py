@@ -1,7 +1,7 @@
-"""`python -m bench [g1 g2 g3 g4 g5] [--quick] [--rounds N] [--json FILE]`
+"""`python -m bench [g1 g2 g3 g4 g5 allocator] [--quick] [--rounds N] [--json FILE]`
 
 Each comparison runs its contenders interleaved (A, B, A, B, ...) and reports medians, their
-ratio and the raw figures as JSON on stdout. Without names, all five run (G2 and G3 take tens of
+ratio and the raw figures as JSON on stdout. Without names, all run (G2 and G3 take tens of
 minutes at full size; --quick shrinks every comparison to a smoke test of a few minutes in all).
 """
 
@@ -20,6 +20,7 @@ COMPARISONS = {
     "g3": "time to accuracy: scratch CNN on Fashion-MNIST",
     "g4": "prediction over a folder vs bare forward; cold start vs importing torch",
     "g5": "compute efficiency: bare ResNet18 training vs the conv roof",
+    "allocator": "train.allocator: retain vs system, bare scratch CNN in fresh processes",
 }
 
 
@@ -45,16 +46,23 @@ def run_one(name: str, quick: bool, rounds: int) -> dict:
             from bench.loop import g5
 
             return g5(quick, rounds)
+        case "allocator":
+            from bench.allocator import compare
+
+            return compare(quick, rounds)
     raise AssertionError(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", choices=[*COMPARISONS, []], metavar="NAME", help=", ".join(COMPARISONS))
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(COMPARISONS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per comparison (default 3, quick 2)")
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
     args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in COMPARISONS]
+    if unknown:
+        parser.error(f"unknown comparison(s) {unknown}; choose from {', '.join(COMPARISONS)}")
     rounds = args.rounds or (2 if args.quick else 3)
     if rounds < 2:
         parser.error("--rounds must be at least 2: one round cannot show the noise")

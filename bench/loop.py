@@ -8,6 +8,8 @@ loop, the data path and the bookkeeping cost on top of the model itself.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from typing import Any
 
@@ -109,12 +111,12 @@ def _timed(fn) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def g1(quick: bool, rounds: int) -> dict[str, Any]:
+def g1(quick: bool, rounds: int, models: list[str] | None = None, precisions: list[str] | None = None) -> dict[str, Any]:
     """imgcls's steady epoch / bare training, and validation / bare forward, in images per second."""
     out: dict[str, Any] = {"target": ">= 0.95 (training and validation)", "batch": BATCH, "augment": AUGMENT}
     sizes = {"scratch_cnn@128": (128, 128) if quick else (320, 256), "resnet18@224": (32, 32) if quick else (96, 128)}
-    for name in MODELS:
-        for precision in ("fp32", "bf16"):
+    for name in models or list(MODELS):
+        for precision in precisions or ["fp32", "bf16"]:
             contest = Contest(name, precision, *sizes[name])
             contest.imgcls_epoch(), contest.bare_train(), contest.imgcls_eval(), contest.bare_eval()  # warm-up
             fit = interleaved({"imgcls": contest.imgcls_epoch, "bare": contest.bare_train}, rounds)
@@ -127,6 +129,7 @@ def g1(quick: bool, rounds: int) -> dict[str, Any]:
                 "train_images": contest.n_train,
                 "val_images": contest.n_val,
             }
+            print(f"[bench] g1 {name} {precision}: {json.dumps(out[f'{name} {precision}'])}", file=sys.stderr, flush=True)
     return out
 
 

@@ -276,9 +276,15 @@ class ImageSet(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
         image = self.images[index] if self.images is not None else decode(self.split.paths[index], self.resize_size)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        # Only the CPU generator (the one transforms v2 draw from) is seeded and restored:
+        # torch.manual_seed also queues CUDA/XPU/MTIA seeding with a formatted stack trace each time,
+        # which cost more than the augmentation itself.
+        outer = torch.default_generator.get_state()
+        try:
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             image = self.transform(image)
+        finally:
+            torch.default_generator.set_state(outer)
         return image, self.split.labels[index]
 
 
