@@ -80,7 +80,7 @@ def build_scheduler(cfg: C.Scheduler, optimizer, epochs: int, steps_per_epoch: i
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 
-def configure_allocator(choice: str) -> bool:
+def configure_allocator(choice: Literal["retain", "system"]) -> bool:
     """Apply train.allocator; True when the C library took the setting.
 
     glibc serves blocks over 32 MB with mmap and unmaps them on free, so every training step
