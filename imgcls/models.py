@@ -33,6 +33,10 @@ class Classifier(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.freeze_backbone:
+            with torch.no_grad():  # no autograd bookkeeping for a backbone that never trains
+                features = self.backbone(x)
+            return self.head(features)
         return self.head(self.backbone(x))
 
 

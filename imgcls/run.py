@@ -43,6 +43,7 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
         raise ConfigError("experiment", problems)
     run_dir = prepare_run_dir(exp, resume)
     seed_everything(exp.seed, device)
+    train.configure_allocator(exp.train.allocator)  # before the first image is decoded: it governs every later block
 
     dataset = data.prepare(exp.data, progress)  # the preflight: every image decoded and checked once
     print_preflight(dataset.report)
@@ -58,23 +59,24 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
     state = train.LoopState()
     if resume and (run_dir / LAST).exists():
         state = restore(run_dir / LAST, exp, model, optimizer, schedule, monitor, device)
+    feed = build_feed(exp, model, loaders, device)  # after restore: a cache is built from the weights that train on
 
-    fit(exp, model, loaders, optimizer, schedule, monitor, state, dataset.classes, run_dir, device, progress)
-    return finish(exp, model, loaders, dataset.classes, state, monitor, run_dir, device)
+    fit(exp, model, feed, optimizer, schedule, monitor, state, dataset.classes, run_dir, device, progress)
+    return finish(exp, model, feed, dataset.classes, state, monitor, run_dir, device)
 
 
-def fit(exp, model, loaders, optimizer, schedule, monitor, state, classes, run_dir, device, progress) -> None:
+def fit(exp, model, feed, optimizer, schedule, monitor, state, classes, run_dir, device, progress) -> None:
     """Epochs state.epoch+1 .. epochs; after each, the last (and maybe best) checkpoint is saved."""
-    prepare_input = input_preparer(exp, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=exp.train.label_smoothing)
     while state.epoch < exp.train.epochs and not state.stopped_early:
         epoch = state.epoch + 1
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         fit_metrics = train.train_one_epoch(
-            model, loaders["train"], prepare_input, loss_fn, optimizer, schedule, device, exp.train.precision, epoch, progress
+            feed.net, feed.loaders["train"], feed.prepare_input, loss_fn, optimizer, schedule, device, exp.train.precision,
+            epoch, progress,
         )
-        logits, labels = evaluate.predict_logits(model, loaders["val"], prepare_input, device, exp.train.precision)
+        logits, labels = evaluate.predict_logits(feed.net, feed.loaders["val"], feed.prepare_input, device, exp.train.precision)
         val = evaluate.compute_metrics(logits, labels, classes)
         train.step_epoch_scheduler(schedule, {"val_loss": val["loss"], "val_acc": val["accuracy"]})
         seconds = time.perf_counter() - start
@@ -93,19 +95,18 @@ def fit(exp, model, loaders, optimizer, schedule, monitor, state, classes, run_d
             tqdm.write(f"early stopping: no improvement in {monitor.patience} epochs", file=sys.stderr)
 
 
-def finish(exp, model, loaders, classes, state, monitor, run_dir, device) -> dict[str, Any]:
+def finish(exp, model, feed, classes, state, monitor, run_dir, device) -> dict[str, Any]:
     """Reload the best weights, evaluate val (and test), and write every result file."""
     if not (run_dir / BEST).exists():
         raise UserError(f"no epoch gave a finite {exp.train.select_best}; nothing to evaluate")
     best = ckpt_io.load(run_dir / BEST)
-    model.load_state_dict(best.model)
-    prepare_input = input_preparer(exp, device)
+    model.load_state_dict(best.model)  # feed.net shares these parameters
     results: dict[str, Any] = {"classes": classes}
     reports = []
     for split in ("val", "test"):
-        if split not in loaders:
+        if split not in feed.loaders:
             continue
-        logits, labels = evaluate.predict_logits(model, loaders[split], prepare_input, device, exp.train.precision)
+        logits, labels = evaluate.predict_logits(feed.net, feed.loaders[split], feed.prepare_input, device, exp.train.precision)
         results[split] = evaluate.compute_metrics(logits, labels, classes)
         reports.append(f"== {split} ==\n{evaluate.text_report(logits, labels, classes)}")
         report.plot_confusion(
@@ -117,6 +118,7 @@ def finish(exp, model, loaders, classes, state, monitor, run_dir, device) -> dic
         "epochs_run": state.epoch,
         "stopped_early": state.stopped_early,
         "train_seconds": round(state.train_seconds, 3),
+        "feature_cache": feed.feature_cache,
     }
     ckpt_io.atomic_write(run_dir / "classification_report.txt", "\n".join(reports))
     report.plot_curves(run_dir / "curves.png", state.history, monitor.best_epoch)
@@ -176,6 +178,22 @@ def build_loaders(exp: config.Experiment, dataset: data.Data) -> dict[str, Any]:
         batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
         loaders[split_name] = data.make_loader(images, batch, is_train, exp.data.num_workers, exp.seed)
     return loaders
+
+
+def build_feed(exp: config.Experiment, model: models.Classifier, loaders: dict[str, Any], device: torch.device) -> train.Feed:
+    """Images through the whole model; or, where train.feature_cache applies exactly, the frozen
+    backbone's features computed once per split and fed to the head (same batches, same order)."""
+    prepare_input = input_preparer(exp, device)
+    if not train.feature_cache_applies(exp):
+        return train.Feed(model, prepare_input, loaders, feature_cache=False)
+    cached = {}
+    for split_name, loader in loaders.items():
+        in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, False, 0, exp.seed)
+        features = train.cache_features(model.backbone, in_order, prepare_input, device, exp.train.precision)
+        batch = exp.data.batch_size if split_name == "train" else exp.data.eval_batch_size
+        features_set = data.FeatureSet(features, loader.dataset.split.labels)
+        cached[split_name] = data.make_loader(features_set, batch, split_name == "train", 0, exp.seed)
+    return train.Feed(model.head, lambda features: features.to(device, non_blocking=True), cached, feature_cache=True)
 
 
 # ------------------------------------------------------------------------- run directory, resume

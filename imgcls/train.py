@@ -85,6 +85,69 @@ def build_scheduler(cfg: C.Scheduler, optimizer, epochs: int, steps_per_epoch: i
             assert_never(cfg)
 
 
+# ------------------------------------------------------------------------------------- allocator
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def configure_allocator(choice: Literal["retain", "system"]) -> bool:
+    """Apply train.allocator; True when the C library took the setting.
+
+    glibc serves blocks over 32 MB with mmap and unmaps them on free, so every training step
+    page-faults its activations back in (~25% of CPU time as sys for the scratch CNN @128).
+    "retain" keeps them in the heap. Only the process's memory reuse changes, never a value.
+    """
+    match choice:
+        case "system":
+            return False
+        case "retain":
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None)
+                mallopt = libc.mallopt  # AttributeError: not glibc (musl, macOS, Windows)
+            except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
+                return False
+            return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
+        case _:
+            assert_never(choice)
+
+
+# ---------------------------------------------------------------------------------------- feed
+
+
+@dataclass
+class Feed:
+    """What the loop's batches flow through: the whole model on images, or its head on cached features.
+
+    Checkpoints always hold the whole model; `net` is the model itself or a part of it that shares
+    its parameters, so training `net` trains the model.
+    """
+
+    net: nn.Module
+    prepare_input: Callable[[torch.Tensor], torch.Tensor]
+    loaders: dict[str, Any]
+    feature_cache: bool
+
+
+def feature_cache_applies(exp: C.Experiment) -> bool:
+    """Exact only when the backbone never changes and every epoch sees the same crop of every image."""
+    frozen = isinstance(exp.model, C.ResNet18) and exp.model.freeze_backbone
+    return exp.train.feature_cache and frozen and not exp.augment
+
+
+@torch.no_grad()  # not inference_mode: the head saves these features for its backward pass
+def cache_features(backbone: nn.Module, loader, prepare_input, device: torch.device, precision: str) -> torch.Tensor:
+    """One pass of the frozen backbone over a split, in the loader's (unshuffled) order."""
+    backbone.eval()
+    chunks = []
+    for images, _ in loader:
+        with autocast(device, precision):
+            chunks.append(backbone(prepare_input(images)))
+    return torch.cat(chunks)
+
+
 # --------------------------------------------------------------------------------------- monitor
 
 

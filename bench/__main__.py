@@ -1,0 +1,88 @@
+"""`python -m bench [g1 g2 g3 g4 g5 allocator] [--quick] [--rounds N] [--json FILE]`
+
+Each comparison runs its contenders interleaved (A, B, A, B, ...) and reports medians, their
+ratio and the raw figures as JSON on stdout. Without names, all run (G2 and G3 take tens of
+minutes at full size; --quick shrinks every comparison to a smoke test of a few minutes in all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from bench.common import machine
+
+COMPARISONS = {
+    "g1": "loop efficiency: imgcls's training epoch and validation vs the bare model",
+    "g2": "whole runs: imgcls vs the template's loop on the groceries photos",
+    "g3": "time to accuracy: scratch CNN on Fashion-MNIST",
+    "g4": "prediction over a folder vs bare forward; cold start vs importing torch",
+    "g5": "compute efficiency: bare ResNet18 training vs the conv roof",
+    "allocator": "train.allocator: retain vs system, bare scratch CNN in fresh processes",
+}
+
+
+def run_one(name: str, quick: bool, rounds: int) -> dict:
+    match name:
+        case "g1":
+            from bench.loop import g1
+
+            return g1(quick, rounds)
+        case "g2":
+            from bench.template import g2
+
+            return g2(quick, rounds)
+        case "g3":
+            from bench.fashion import run
+
+            return run(quick)
+        case "g4":
+            from bench.predict import g4
+
+            return g4(quick, rounds)
+        case "g5":
+            from bench.loop import g5
+
+            return g5(quick, rounds)
+        case "allocator":
+            from bench.allocator import compare
+
+            return compare(quick, rounds)
+    raise AssertionError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(COMPARISONS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per comparison (default 3, quick 2)")
+    parser.add_argument("--json", dest="json_path", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in COMPARISONS]
+    if unknown:
+        parser.error(f"unknown comparison(s) {unknown}; choose from {', '.join(COMPARISONS)}")
+    rounds = args.rounds or (2 if args.quick else 3)
+    if rounds < 2:
+        parser.error("--rounds must be at least 2: one round cannot show the noise")
+    from imgcls.train import configure_allocator
+
+    configure_allocator("retain")  # imgcls's default, and the same for both sides of every comparison
+    results: dict = {"machine": machine(), "quick": args.quick, "rounds": rounds}
+    for name in args.names or list(COMPARISONS):
+        print(f"[bench] {name}: {COMPARISONS[name]} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        results[name] = run_one(name, args.quick, rounds)
+        results[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps({name: results[name]}, indent=1), file=sys.stderr, flush=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""G3: time to accuracy on Fashion-MNIST with the scratch CNN, as a whole `python -m imgcls.run` process.
+
+The images come from the Debian package dataset-fashion-mnist (installed here if missing, never
+downloaded by the bench itself) and are written once as an ImageFolder tree of PNGs: 55,000
+train / 5,000 val (the last 5,000 of the official train set) / 10,000 test.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import CACHE, PYTHON, ROOT, env_for_subprocess
+
+IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+TARGET = 0.925  # the data set's own table: 2 conv + pooling 91.6%, + BatchNorm 93.4%
+BUDGET_S = 600
+
+EXPERIMENT = """
+name = "fashion_mnist"
+seed = 0
+device = "cpu"
+
+[data]
+train_dir = "{root}/train"
+val_dir = "{root}/val"
+test_dir = "{root}/test"
+image_size = 28
+resize_size = 28
+batch_size = 128
+eval_batch_size = 1000
+normalize = {{ mean = [0.286, 0.286, 0.286], std = [0.353, 0.353, 0.353] }}
+
+[[augment]]
+op = "random_crop"
+padding = 2
+
+[[augment]]
+op = "horizontal_flip"
+
+[model]
+arch = "scratch_cnn"
+channels = [32, 64, 128]
+hidden = 256
+dropout = 0.2
+batch_norm = true
+
+[optimizer]
+name = "adamw"
+weight_decay = 0.05
+
+[scheduler]
+name = "onecycle"
+max_lr = 0.004
+
+[train]
+epochs = {epochs}
+select_best = "val_acc"
+precision = "bf16"
+
+[output]
+root = "{runs}"
+"""
+
+
+def idx_files() -> Path:
+    if not (IDX_DIR / "train-images-idx3-ubyte.gz").exists():
+        if shutil.which("apt-get") is None:
+            raise SystemExit("Fashion-MNIST needs the Debian package dataset-fashion-mnist (apt-get install)")
+        subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True)
+    return IDX_DIR
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def image_folder() -> Path:
+    """The idx files as train/val/test PNG folders; written once."""
+    from PIL import Image
+
+    root = CACHE / "fashion-mnist"
+    if (root / ".complete").exists():
+        return root
+    src = idx_files()
+    train_x, train_y = _read_idx(src / "train-images-idx3-ubyte.gz"), _read_idx(src / "train-labels-idx1-ubyte.gz")
+    test_x, test_y = _read_idx(src / "t10k-images-idx3-ubyte.gz"), _read_idx(src / "t10k-labels-idx1-ubyte.gz")
+    parts = {"train": (train_x[:55000], train_y[:55000]), "val": (train_x[55000:], train_y[55000:]), "test": (test_x, test_y)}
+    for split, (xs, ys) in parts.items():
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            Image.fromarray(x, mode="L").save(root / split / CLASSES[y] / f"{i:05d}.png")
+    (root / ".complete").touch()
+    return root
+
+
+def run(quick: bool) -> dict[str, Any]:
+    epochs = 2 if quick else 12
+    root = image_folder()
+    runs = CACHE / "runs"
+    shutil.rmtree(runs / "fashion_mnist", ignore_errors=True)
+    exp_path = CACHE / "fashion_mnist.toml"
+    exp_path.write_text(EXPERIMENT.format(root=root, runs=runs, epochs=epochs))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [PYTHON, "-m", "imgcls.run", str(exp_path), "--quiet"], cwd=ROOT, env=env_for_subprocess(),
+        capture_output=True, text=True,
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"imgcls.run failed:\n{proc.stderr[-3000:]}")
+    run_dir = runs / "fashion_mnist"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    with open(run_dir / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    elapsed, curve = 0.0, []
+    for row in history:
+        elapsed += float(row["seconds"])
+        curve.append({"epoch": int(row["epoch"]), "train_s": round(elapsed, 1), "val_acc": round(float(row["val_acc"]), 4)})
+    test_acc = metrics["test"]["accuracy"]
+    return {
+        "experiment": str(exp_path),
+        "epochs": epochs,
+        "wall_s_whole_process": round(wall, 1),
+        "test_accuracy": test_acc,
+        "best_epoch": metrics["best_epoch"],
+        "curve": curve,
+        "target": f">= {TARGET} test accuracy within {BUDGET_S} s",
+        "met": bool(test_acc >= TARGET and wall <= BUDGET_S),
+    }

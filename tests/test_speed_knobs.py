@@ -1,0 +1,107 @@
+"""Speed knobs must not change results: worker count and the frozen-feature cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from torch import nn
+
+from imgcls import checkpoint, config, data, evaluate, run, train
+
+
+def _images(root, per_class: int = 6, classes: int = 3) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                pixels[..., c] //= 4  # a learnable colour cue per class
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def _run(tmp_path, name: str, **overrides) -> tuple[dict, dict[str, torch.Tensor]]:
+    exp = {
+        "name": name,
+        "device": "cpu",
+        "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"), "image_size": 32,
+                 "batch_size": 4, "eval_batch_size": 8},
+        "augment": [{"op": "random_resized_crop", "scale": [0.5, 1.0]}, {"op": "horizontal_flip"}],
+        "model": {"arch": "scratch_cnn", "channels": [4, 8], "hidden": 8, "batch_norm": True},
+        "train": {"epochs": 2},
+        "output": {"root": str(tmp_path / "runs")},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            exp[section] = {**exp.get(section, {}), field: value}
+        else:
+            exp[section] = value
+    results = run.run(config.validate(exp), progress=False)
+    return results, checkpoint.load(tmp_path / "runs" / name / run.LAST).model
+
+
+@pytest.mark.slow
+def test_num_workers_do_not_change_bits(tmp_path):
+    """Each sample's augmentation is drawn from (seed, epoch, index): who loads it cannot matter."""
+    _images(tmp_path)
+    serial, serial_weights = _run(tmp_path, "w0", data__num_workers=0)
+    parallel, parallel_weights = _run(tmp_path, "w2", data__num_workers=2)
+    assert serial_weights.keys() == parallel_weights.keys()
+    for key in serial_weights:
+        assert torch.equal(serial_weights[key], parallel_weights[key]), key
+    assert serial["val"]["loss"] == parallel["val"]["loss"]
+
+
+FROZEN = {"arch": "resnet18", "weights": "none", "freeze_backbone": True}
+
+
+def _fit_head(tmp_path, augment: list, feature_cache: bool, epochs: int = 2):
+    """Two epochs of run()'s own pieces (no checkpoints): the head's weights, val logits, cache used."""
+    exp = config.validate({
+        "name": "head", "device": "cpu", "augment": augment, "model": FROZEN,
+        "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"), "image_size": 32,
+                 "batch_size": 4, "eval_batch_size": 8},
+        "train": {"feature_cache": feature_cache},
+    })
+    cpu = torch.device("cpu")
+    dataset = data.prepare(exp.data, progress=False)
+    torch.manual_seed(0)
+    model = run.build(exp, len(dataset.classes), cpu)
+    initial = model.head.weight.detach().clone()
+    loaders = run.build_loaders(exp, dataset)
+    optimizer = train.build_optimizer(exp.optimizer, model.parameters())
+    schedule = train.build_scheduler(exp.scheduler, optimizer, epochs, len(loaders["train"]))
+    feed = run.build_feed(exp, model, loaders, cpu)
+    for epoch in range(1, epochs + 1):
+        train.train_one_epoch(feed.net, feed.loaders["train"], feed.prepare_input, nn.CrossEntropyLoss(), optimizer,
+                              schedule, cpu, "fp32", epoch, progress=False)
+    logits, _ = evaluate.predict_logits(feed.net, feed.loaders["val"], feed.prepare_input, cpu, "fp32")
+    return initial, model.state_dict(), logits, feed.feature_cache
+
+
+def test_feature_cache_trains_the_same_head(tmp_path):
+    """A frozen backbone without augmentation: caching its features gives the uncached run's head."""
+    _images(tmp_path)
+    initial, cached, cached_logits, used = _fit_head(tmp_path, [], feature_cache=True)
+    _, plain, plain_logits, plain_used = _fit_head(tmp_path, [], feature_cache=False)
+    assert used and not plain_used
+    assert not torch.allclose(plain["head.weight"], initial), "the head did not train"
+    for key in plain:
+        if key.startswith("backbone."):
+            assert torch.equal(cached[key], plain[key]), key
+    # Same batches in the same order; only the backbone's batch grouping differs (fp rounding).
+    torch.testing.assert_close(cached["head.weight"], plain["head.weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached["head.bias"], plain["head.bias"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_feature_cache_needs_a_deterministic_pipeline(tmp_path):
+    """With augmentation the cache would be inexact, so the backbone runs every epoch instead."""
+    _images(tmp_path, per_class=2)
+    *_, used = _fit_head(tmp_path, [{"op": "horizontal_flip"}], feature_cache=True, epochs=1)
+    assert not used
