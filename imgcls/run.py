@@ -121,6 +121,7 @@ def finish(exp, model, loaders, classes, state, monitor, run_dir, device) -> dic
         "train_seconds": round(state.train_seconds, 3),
     }
     ckpt_io.atomic_write(run_dir / "classification_report.txt", "\n".join(reports))
+    report.write_history(run_dir / "history.csv", state.history)  # again: a kill may have cut off the epoch's write
     report.plot_curves(run_dir / "curves.png", state.history, monitor.best_epoch)
     report.write_json(run_dir / "metrics.json", results)  # written last: its presence marks a finished run
     return results

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from imgcls import config, data, evaluate, predict, run
 from imgcls.errors import DataError
@@ -353,8 +353,14 @@ def bomb_png(path, side: int) -> None:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
-def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path):
+def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path, monkeypatch):
+    """Memory stays bounded: the size in the header is refused before any pixel is decoded."""
     bomb_png(tmp_path / "bomb.png", 10_000)  # 100 Mpixel: above PIL's warning limit, below its hard limit
     assert os.path.getsize(tmp_path / "bomb.png") < 1_000_000
+
+    def no_decoding(self):
+        raise AssertionError("the bomb's pixels were being decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(DataError, match="too many pixels"):
         data.decode(str(tmp_path / "bomb.png"), 16)
