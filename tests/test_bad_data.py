@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
-import struct
-import zlib
 from collections import Counter
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image, ImageFile
 from imgcls import config, data, evaluate, predict, run
 from imgcls.errors import DataError
 
-from tiny_data import CLASSES, experiment, image_array, make_data, make_split
+from tiny_data import CLASSES, bomb_png, experiment, image_array, make_data, make_split
 
 
 def data_cfg(base, **overrides) -> config.DataConfig:
@@ -333,26 +332,6 @@ def test_link_loops_and_links_out_of_the_folder_neither_hang_nor_duplicate(tmp_p
     }
 
 
-# -------------------------------------------------------------------------------- helpers used elsewhere
-
-
-def bomb_png(path, side: int) -> None:
-    """A valid greyscale PNG of side x side black pixels written row by row (never held in memory)."""
-    compressor, body = zlib.compressobj(9), []
-    row = b"\0" * (side + 1)  # filter byte + pixels
-    for _ in range(side):
-        body.append(compressor.compress(row))
-    body.append(compressor.flush())
-    idat = b"".join(body)
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
-
 def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path, monkeypatch):
     """Memory stays bounded: the size in the header is refused before any pixel is decoded."""
     bomb_png(tmp_path / "bomb.png", 10_000)  # 100 Mpixel: above PIL's warning limit, below its hard limit
@@ -364,3 +343,18 @@ def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path,
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(DataError, match="too many pixels"):
         data.decode(str(tmp_path / "bomb.png"), 16)
+
+
+def test_animated_images_folders_named_like_images_and_broken_links_are_bad_files(tmp_path):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "moving.png", "GIF", save_all=True, append_images=frames[1:])  # a GIF named .png
+    (tmp_path / "album.jpg").mkdir()
+    Image.fromarray(image_array(0, 1)).save(tmp_path / "album.jpg" / "inside.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    listed = data._image_files(str(tmp_path), Counter())
+    assert [os.path.basename(p) for p in listed] == ["album.jpg", "dangling.png", "moving.png"]  # not entered
+    reasons = {"album.jpg": "a folder, not an image file", "dangling.png": "broken symbolic link",
+               "moving.png": "animated or multi-page image (2 frames)"}
+    for path in listed:
+        with pytest.raises(DataError, match=re.escape(f"{path}: {reasons[os.path.basename(path)]}")):
+            data.decode(path, 16)

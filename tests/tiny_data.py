@@ -6,8 +6,10 @@ import copy
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,20 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
     seconds = rows[0].split(",").index("seconds")
     out["history.csv"] = [[v for i, v in enumerate(r.split(",")) if i != seconds] for r in rows]
     return out
+
+
+def bomb_png(path, side: int) -> None:
+    """A valid greyscale PNG of side x side black pixels written row by row (never held in memory)."""
+    compressor, body = zlib.compressobj(9), []
+    row = b"\0" * (side + 1)  # filter byte + pixels
+    for _ in range(side):
+        body.append(compressor.compress(row))
+    body.append(compressor.flush())
+    idat = b"".join(body)
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
