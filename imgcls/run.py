@@ -42,6 +42,9 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
     if problems:
         raise ConfigError("experiment", problems)
     run_dir = prepare_run_dir(exp, resume)
+    if resume and (run_dir / "metrics.json").exists():  # killed after its last write: nothing left to do
+        print(f"{run_dir} already holds the finished run", file=sys.stderr)
+        return json.loads((run_dir / "metrics.json").read_text())
     seed_everything(exp.seed, device)
 
     dataset = data.prepare(exp.data, progress)  # the preflight: every image decoded and checked once
@@ -198,7 +201,7 @@ def prepare_run_dir(exp: config.Experiment, resume: bool) -> Path:
     ckpt_io.clean_temp_files(run_dir)
     finished = (run_dir / "metrics.json").exists()
     started = (run_dir / LAST).exists() or (run_dir / "config.toml").exists()
-    if finished:
+    if finished and not resume:
         raise UserError(
             f"{run_dir} already holds a finished run (metrics.json). To keep it, change `name` in the experiment; "
             f"to replace it, delete the folder first (rm -r {run_dir})"
@@ -288,7 +291,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any], dev
 def restore(path, exp, model, optimizer, schedule, monitor, device) -> train.LoopState:
     """Put model, optimizer, scheduler, monitor and every RNG back as they were after the saved epoch."""
     saved = ckpt_io.load(path)
-    if "resume" not in saved.meta:
+    if not {"resume", "loop", "rng"} <= saved.meta.keys():
         raise CheckpointError(f"{path}: holds weights only, not the state needed to resume")
     trained = config.loads(saved.meta["experiment"], f"{path} (stored experiment)").model_dump(mode="json")
     changed = [k for k in differing_keys(trained, exp.model_dump(mode="json")) if k not in RESULT_NEUTRAL]

@@ -170,7 +170,19 @@ def test_resuming_a_changed_experiment_is_refused_listing_what_differs(data_dir)
         start(data_dir, name, resume=False)
     start(data_dir, name, resume=True)
     with pytest.raises(UserError, match="already holds a finished run"):
-        start(data_dir, name, resume=True)
+        start(data_dir, name, resume=False)
+
+
+def test_resuming_a_run_killed_after_its_last_write_reports_its_results(data_dir, baseline, monkeypatch, capsys):
+    monkeypatch.chdir(data_dir)
+    metrics = (data_dir / "runs" / "uninterrupted" / "metrics.json").stat().st_mtime_ns
+    assert run.main([str(data_dir / "uninterrupted.toml"), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "already holds the finished run" in err
+    assert out.startswith("val: accuracy ") and "best epoch 3 of 3" in out
+    assert (data_dir / "runs" / "uninterrupted" / "metrics.json").stat().st_mtime_ns == metrics
+    assert run.main([str(data_dir / "uninterrupted.toml")]) == 2  # without --resume a finished run is kept safe
+    assert "already holds a finished run" in capsys.readouterr().err
 
 
 def test_a_last_checkpoint_from_another_experiment_is_refused(data_dir, tmp_path):
