@@ -148,12 +148,23 @@ def test_crashes_at_every_kind_of_moment_then_resume_give_the_uninterrupted_bits
         (before_history_with(EPOCHS), {"data": {"num_workers": 2}}),  # after the last epoch's checkpoints
         (before_result("metrics.json"), {}),  # inside finish: plots and reports written, metrics not
     ]
-    epochs_saved = []
-    for i, (where, overrides) in enumerate(crashes):
-        crash_run(data_dir, name, resume=i > 0, where=where, **overrides)
-        epochs_saved.append(checkpoint_epoch(data_dir / "runs" / name / "last.safetensors"))
+    epochs_saved, steps = [], [0]
+
+    def count(optimizer, args, kwargs):
+        steps[-1] += 1
+
+    handle = register_optimizer_step_post_hook(count)
+    try:
+        for i, (where, overrides) in enumerate(crashes):
+            crash_run(data_dir, name, resume=i > 0, where=where, **overrides)
+            epochs_saved.append(checkpoint_epoch(data_dir / "runs" / name / "last.safetensors"))
+            steps.append(0)
+        start(data_dir, name, resume=True)
+    finally:
+        handle.remove()
     assert epochs_saved == [0, 0, 1, 1, 3, 3]
-    start(data_dir, name, resume=True)
+    # Each resume starts after the last saved epoch (a restart from scratch would also give the same bits).
+    assert steps == [3, STEPS, 2 * STEPS, 2, 2 * STEPS, 0, 0]
     assert fingerprint(data_dir / "runs" / name) == baseline
 
 
@@ -242,6 +253,8 @@ def test_kill_9_and_sigterm_then_resume_give_the_uninterrupted_bits(data_dir, ba
         assert "Traceback" not in err, (name, sig, err)  # also none from the loader's worker processes
         if sig == signal.SIGTERM:
             assert "terminated; every finished epoch is saved: continue with --resume" in err
+    resumed = [err for name, sig, code, err in log if "resuming runs" in err]
+    assert len(resumed) == 3, log  # every restart continued from a saved epoch
     assert len(log) == 5
     for name in chains:
         assert fingerprint(data_dir / "runs" / name) == baseline, name
@@ -269,6 +282,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_with_130_and_143_and_the_run_resumes(da
     assert err.rstrip().endswith("every finished epoch is saved: continue with --resume") and "Traceback" not in err
     assert checkpoint_epoch(data_dir / "runs" / name / "last.safetensors") == 1
     assert run.main([str(exp_path), "--resume", "--quiet"]) == 0
+    assert f"resuming {Path('runs') / name} after epoch 1" in capsys.readouterr().err
     assert fingerprint(data_dir / "runs" / name) == baseline
 
 
