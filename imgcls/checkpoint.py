@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -26,6 +26,14 @@ from imgcls.errors import CheckpointError, UserError
 
 FORMAT = "imgcls-checkpoint/1"
 TEMP_PREFIX = ".tmp-"
+
+
+class NonFiniteWeights(CheckpointError):
+    pass
+
+
+class WriteError(UserError):
+    pass
 
 
 @dataclass
@@ -41,6 +49,14 @@ class Checkpoint:
 
 
 def save(path: str | Path, ckpt: Checkpoint) -> None:
+    """Write a checkpoint atomically; weights holding NaN or inf are refused, never written."""
+    bad = [k for k, v in ckpt.model.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        after = f" after epoch {ckpt.meta['epoch']}" if "epoch" in ckpt.meta else ""
+        raise NonFiniteWeights(
+            f"{path}: not saved: the weights became NaN or infinite{after} ({', '.join(bad[:3])}); "
+            "the previous checkpoint is kept. Lower optimizer.lr, or check the data"
+        )
     tensors = {f"model.{k}": v for k, v in ckpt.model.items()}
     tensors |= {f"optim.{k}": v for k, v in ckpt.optim.items()}
     tensors |= {f"rng.{k}": v for k, v in ckpt.rng.items()}
@@ -56,11 +72,10 @@ def load(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: imgcls checkpoints are .safetensors files (pickled .pt/.pth files are refused)")
-    data = path.read_bytes()
     try:
+        data = path.read_bytes()  # read once: the tensors and the header checked are the same bytes
         tensors = st_load(data)
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
+        metadata = _metadata(data)
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file, truncated or damaged ({e})") from None
     header = metadata.get("imgcls")
@@ -69,11 +84,13 @@ def load(path: str | Path) -> Checkpoint:
     if metadata.get("sha256") != _digest(header, tensors):
         raise CheckpointError(f"{path}: content hash mismatch: the file is damaged; use another checkpoint")
     meta = json.loads(header)
-    if meta.pop("format", None) != FORMAT:
+    if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected {FORMAT})")
     parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "rng": {}}
     for key, value in tensors.items():
         group, _, name = key.partition(".")
+        if group not in parts:
+            raise CheckpointError(f"{path}: unexpected tensor {key!r}; not an imgcls checkpoint")
         parts[group][name] = value
     return Checkpoint(parts["model"], meta, parts["optim"], parts["rng"])
 
@@ -83,13 +100,11 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     p = Path(path)
     if p.suffix == ".safetensors":
         try:
-            with safe_open(path, "pt") as f:
-                is_imgcls = "imgcls" in (f.metadata() or {})
-        except (SafetensorError, OSError) as e:
+            raw = p.read_bytes()
+            tensors, is_imgcls = st_load(raw), "imgcls" in _metadata(raw)
+        except (SafetensorError, ValueError, RuntimeError, OSError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        if is_imgcls:
-            return load(path).model
-        return st_load(p.read_bytes())
+        return load(path).model if is_imgcls else tensors
     if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0") not in ("", "0"):
         # That variable turns weights_only=True off inside torch.load: a pickle could then run code.
         raise CheckpointError(
@@ -107,6 +122,15 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors file that st_load has already validated (JSON, never pickle)."""
+    size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata is not a table")
+    return metadata
+
+
 def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(header.encode())
     for key in sorted(tensors):
@@ -121,25 +145,32 @@ def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
 
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write via a temp file in the same folder, fsync, rename: a crash leaves the old file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the file
         os.replace(tmp, path)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"{path}: disk full while saving; the previous file, if any, is intact. Free space and --resume") from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(
+                f"{path}: disk full while saving ({e.strerror}); the previous file, if any, is intact. "
+                "Free some space, then continue with --resume"
+            ) from None
+        raise WriteError(f"{path}: cannot write ({e.strerror or e}); the previous file, if any, is intact") from None
     finally:
-        os.close(dir_fd)
+        if tmp is not None:  # also on Ctrl-C or SIGTERM; a kill -9 leaves it to clean_temp_files
+            Path(tmp).unlink(missing_ok=True)
 
 
 def clean_temp_files(folder: Path) -> list[Path]:

@@ -467,11 +467,16 @@ def to_toml(exp: Experiment) -> str:
 
 def path_problems(exp: Experiment) -> list[str]:
     """Filesystem checks that a pure schema cannot make; kept apart so --dry-run stays offline-safe."""
-    problems = []
+    problems, seen = [], {}
     for key in ("train_dir", "val_dir", "test_dir"):
         value = getattr(exp.data, key)
         if value is not None and not Path(value).is_dir():
             problems.append(f"data.{key}: folder {value!r} does not exist (relative paths start at {os.getcwd()})")
+        elif value is not None:
+            same = [k for k, v in seen.items() if os.path.samefile(v, value)]  # e.g. through a link
+            if same:
+                problems.append(f"data.{key} and data.{same[0]} are the same folder ({value!r}): splits must be separate")
+            seen[key] = value
     model = exp.model
     if isinstance(model, ResNet18) and model.weights not in ("none", "imagenet") and not Path(model.weights).is_file():
         problems.append(f"model.weights: file {model.weights!r} does not exist; use \"none\", \"imagenet\" or a path")

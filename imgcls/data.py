@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 # Decoders allowed to open a file: a restricted list keeps Ghostscript (EPS) and friends from ever running.
 DECODERS = ["JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP", "GIF"]
 JUNK_FILES = {"thumbs.db", "desktop.ini"}
+JUNK_DIRS = {"__macosx"}  # the resource forks a macOS zip carries beside the real files
 # Transparent pixels are blended onto white, as a photo viewer shows them.
 BACKGROUND = (255, 255, 255)
 NORMALIZE = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "half": ([0.5] * 3, [0.5] * 3)}
@@ -55,7 +57,11 @@ class Split:
 
 def scan_classes(root: str) -> list[str]:
     """Class folder names in sorted order, as ImageFolder; hidden folders are never classes."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden_dir(e.name))
+
+
+def _hidden_dir(name: str) -> bool:
+    return name.startswith(".") or name.lower() in JUNK_DIRS
 
 
 def scan_split(name: str, root: str, classes: list[str]) -> Split:
@@ -85,13 +91,19 @@ def _image_files(folder: str, skipped: Counter) -> list[str]:
     seen_dirs, seen_files, found = set(), set(), []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen_dirs or not (real == top or real.startswith(top + os.sep)):
-            dirnames[:] = []  # a link loop or a link out of the data folder
-            skipped["linked folder outside the class folder or loop"] += real not in seen_dirs
+        if real in seen_dirs:
+            dirnames[:] = []
+            skipped["linked folder seen before (a link loop or a second link)"] += 1
+            continue
+        if not (real == top or real.startswith(top + os.sep)):
+            dirnames[:] = []
+            skipped["linked folder outside the class folder"] += 1
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fname in sorted(filenames):
+        # A folder named like an image (x.jpg/) is listed, not entered: decode reports it as a bad file.
+        named_like_images = [d for d in dirnames if d.lower().endswith(IMAGE_EXTENSIONS) and not d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not _hidden_dir(d) and d not in named_like_images)
+        for fname in sorted(filenames + named_like_images):
             path = os.path.join(dirpath, fname)
             if fname.startswith(".") or fname.lower() in JUNK_FILES:
                 skipped["hidden or system file"] += 1
@@ -113,16 +125,44 @@ def decode(path: str, resize_size: int) -> torch.Tensor:
 
     Raises DataError naming the file for anything that is not a whole, readable image.
     """
-    if not os.path.lexists(path):
-        raise DataError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not a regular file (a folder, pipe or device)")
+    with _open_regular(path) as f:
+        return _decode_file(f, path, resize_size)
+
+
+def _open_regular(path: str):
+    """Open a regular, non-empty file for reading, or raise DataError saying what it is instead.
+
+    The type is checked on the open descriptor, not the name: O_NONBLOCK makes opening a named
+    pipe return at once, so a pipe (or a file swapped for one) can never block the run.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        broken = os.path.islink(path)
+        raise DataError(f"{path}: {'broken symbolic link' if broken else 'no such file'}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, not an image file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a pipe, socket or device"
+        raise DataError(f"{path}: {kind}, not an image file")
+    if info.st_size == 0:
+        os.close(fd)
+        raise DataError(f"{path}: empty file (0 bytes)")
+    return os.fdopen(fd, "rb")
+
+
+def _decode_file(f, path: str, resize_size: int) -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=DECODERS) as img:
-                if getattr(img, "n_frames", 1) > 1:
-                    raise DataError(f"{path}: animated image with {img.n_frames} frames")
+            with Image.open(f, formats=DECODERS) as img:
+                # A camera's multi-picture JPEG (MPO) is a photo plus previews: its first frame is the photo.
+                if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
+                    raise DataError(f"{path}: animated or multi-page image ({img.n_frames} frames); save one frame")
                 img.draft("RGB", (resize_size, resize_size))  # JPEG: decode at a reduced scale when possible
                 img.load()
                 img = ImageOps.exif_transpose(img)
@@ -333,6 +373,10 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
 
 def make_loader(dataset: ImageSet, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    if num_workers > 0:
+        # Workers hand batches over as named shared-memory files, not file descriptors: passing fds
+        # needs a handshake that prints tracebacks from every worker when Ctrl-C or a kill ends the run.
+        torch.multiprocessing.set_sharing_strategy("file_system")
     return DataLoader(
         dataset,
         batch_sampler=EpochBatches(len(dataset), batch_size, shuffle, seed),

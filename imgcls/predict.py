@@ -15,7 +15,6 @@ from collections import Counter
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 

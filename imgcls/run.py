@@ -42,6 +42,9 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
     if problems:
         raise ConfigError("experiment", problems)
     run_dir = prepare_run_dir(exp, resume)
+    if resume and (run_dir / "metrics.json").exists():  # killed after its last write: nothing left to do
+        print(f"{run_dir} already holds the finished run", file=sys.stderr)
+        return json.loads((run_dir / "metrics.json").read_text())
     seed_everything(exp.seed, device)
     train.configure_allocator(exp.train.allocator)  # before the first image is decoded: it governs every later block
 
@@ -59,6 +62,8 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
     state = train.LoopState()
     if resume and (run_dir / LAST).exists():
         state = restore(run_dir / LAST, exp, model, optimizer, schedule, monitor, device)
+    elif resume:
+        print(f"{run_dir} holds no finished epoch yet: starting at epoch 1", file=sys.stderr)
     feed = build_feed(exp, model, loaders, device)  # after restore: a cache is built from the weights that train on
 
     fit(exp, model, feed, optimizer, schedule, monitor, state, dataset.classes, run_dir, device, progress)
@@ -121,6 +126,7 @@ def finish(exp, model, feed, classes, state, monitor, run_dir, device) -> dict[s
         "feature_cache": feed.feature_cache,
     }
     ckpt_io.atomic_write(run_dir / "classification_report.txt", "\n".join(reports))
+    report.write_history(run_dir / "history.csv", state.history)  # again: a kill may have cut off the epoch's write
     report.plot_curves(run_dir / "curves.png", state.history, monitor.best_epoch)
     report.write_json(run_dir / "metrics.json", results)  # written last: its presence marks a finished run
     return results
@@ -199,12 +205,21 @@ def build_feed(exp: config.Experiment, model: models.Classifier, loaders: dict[s
 # ------------------------------------------------------------------------- run directory, resume
 
 
+# Keys that cannot change a run's numbers, so a resume may change them: workers only move work
+# around (augmentation is keyed by sample), and the root only says where the run directory lives.
+RESULT_NEUTRAL = {"data.num_workers", "output.root"}
+
+
 def prepare_run_dir(exp: config.Experiment, resume: bool) -> Path:
+    """Check that the run directory may be (re)used; creates nothing (the first result file does).
+
+    Leftover temp files of a killed save are deleted here, so they are never mistaken for results.
+    """
     run_dir = Path(exp.output.root) / exp.name
     ckpt_io.clean_temp_files(run_dir)
     finished = (run_dir / "metrics.json").exists()
     started = (run_dir / LAST).exists() or (run_dir / "config.toml").exists()
-    if finished:
+    if finished and not resume:
         raise UserError(
             f"{run_dir} already holds a finished run (metrics.json). To keep it, change `name` in the experiment; "
             f"to replace it, delete the folder first (rm -r {run_dir})"
@@ -214,14 +229,17 @@ def prepare_run_dir(exp: config.Experiment, resume: bool) -> Path:
             f"{run_dir} holds an unfinished run. Continue it with --resume, or delete the folder (rm -r {run_dir})"
         )
     if resume and (run_dir / "config.toml").exists():
-        previous = config.load(run_dir / "config.toml")
-        changed = differing_keys(previous.model_dump(mode="json"), exp.model_dump(mode="json"))
-        if changed:
+        previous = config.load(run_dir / "config.toml").model_dump(mode="json")
+        changed = differing_keys(previous, exp.model_dump(mode="json"))
+        refused = [k for k in changed if k not in RESULT_NEUTRAL]
+        if refused:
             raise UserError(
-                f"cannot resume {run_dir}: the experiment changed since the run started: {', '.join(changed)}. "
-                "Restore those values, or start a new run under another `name`"
+                f"cannot resume {run_dir}: the experiment changed since the run started:\n"
+                + describe_changes(previous, exp.model_dump(mode="json"), refused, "run", "now")
+                + "\nRestore those values, or start a new run under another `name`"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if changed:
+            print(f"resuming with changed {', '.join(changed)} (does not change results)", file=sys.stderr)
     return run_dir
 
 
@@ -232,7 +250,20 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def describe_changes(a: dict, b: dict, keys: list[str], a_name: str, b_name: str) -> str:
+    """One line per differing key path: `  - model.channels: [8, 16] (run) vs [8, 32] (now)`."""
+
+    def value(tree: Any, key: str) -> str:
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        text = "absent" if tree is None else json.dumps(tree)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return "\n".join(f"  - {k}: {value(a, k)} ({a_name}) vs {value(b, k)} ({b_name})" for k in keys)
+
+
 def save(path, exp, model, classes, state, optimizer=None, schedule=None) -> None:
+    """A weights-only checkpoint, or with optimizer and schedule the full state that --resume restores."""
     meta = {
         "classes": classes,
         "arch": exp.model.arch,
@@ -245,17 +276,48 @@ def save(path, exp, model, classes, state, optimizer=None, schedule=None) -> Non
         optim_tensors, skeleton = ckpt_io.flatten_state(
             {"optimizer": optimizer.state_dict(), "scheduler": schedule.scheduler.state_dict()}, "s"
         )
+        rng, meta["rng"] = rng_state()
         meta |= {"resume": skeleton, "loop": state.to_json()}
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
     ckpt_io.save(path, ckpt_io.Checkpoint(model.state_dict(), meta, optim_tensors, rng))
 
 
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every generator a run may draw from: torch (dropout), CUDA, Python's random and NumPy's legacy one."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(words, dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    scalars = {"python": [version, gauss], "numpy": [name, int(pos), int(has_gauss), float(cached)]}
+    return tensors, scalars
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, gauss = scalars["python"]
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    name, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
 def restore(path, exp, model, optimizer, schedule, monitor, device) -> train.LoopState:
+    """Put model, optimizer, scheduler, monitor and every RNG back as they were after the saved epoch."""
     saved = ckpt_io.load(path)
-    if "resume" not in saved.meta:
+    if not {"resume", "loop", "rng"} <= saved.meta.keys():
         raise CheckpointError(f"{path}: holds weights only, not the state needed to resume")
+    trained = config.loads(saved.meta["experiment"], f"{path} (stored experiment)").model_dump(mode="json")
+    changed = [k for k in differing_keys(trained, exp.model_dump(mode="json")) if k not in RESULT_NEUTRAL]
+    if changed:
+        raise CheckpointError(
+            f"{path} was saved by a different experiment:\n"
+            + describe_changes(trained, exp.model_dump(mode="json"), changed, "checkpoint", "now")
+        )
     model.load_state_dict(saved.model)
     states = ckpt_io.unflatten_state(saved.meta["resume"], saved.optim)
     optimizer.load_state_dict(states["optimizer"])
@@ -263,9 +325,7 @@ def restore(path, exp, model, optimizer, schedule, monitor, device) -> train.Loo
     state = train.LoopState(**saved.meta["loop"])
     for key, value in state.monitor.items():
         setattr(monitor, key, value)
-    torch.set_rng_state(saved.rng["torch"])
-    if "cuda" in saved.rng and device.type == "cuda":
-        torch.cuda.set_rng_state(saved.rng["cuda"])
+    set_rng_state(saved.rng, saved.meta["rng"], device)
     print(f"resuming {path.parent} after epoch {state.epoch}", file=sys.stderr)
     return state
 
@@ -288,10 +348,11 @@ def load_for_inference(exp_path: str, ckpt_path: str) -> Loaded:
     saved = ckpt_io.load(ckpt_path)
     trained = config.loads(saved.meta["experiment"], f"{ckpt_path} (stored experiment)")
     if trained.model != exp.model:
-        diff = differing_keys(trained.model.model_dump(mode="json"), exp.model.model_dump(mode="json"), "model.")
+        before, now = {"model": trained.model.model_dump(mode="json")}, {"model": exp.model.model_dump(mode="json")}
         raise CheckpointError(
-            f"{ckpt_path} was trained with a different model than {exp_path}: {', '.join(diff)} differ "
-            f"(checkpoint: arch {trained.model.arch!r}); use the experiment the checkpoint came from"
+            f"{ckpt_path} was trained with a different model than {exp_path}:\n"
+            + describe_changes(before, now, differing_keys(before, now), "checkpoint", "experiment")
+            + "\nuse the experiment the checkpoint came from"
         )
     if Path(exp.data.train_dir).is_dir():
         classes_now = data.scan_classes(exp.data.train_dir)
@@ -377,8 +438,11 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def guarded(fn: Callable[[], int]) -> int:
-    """Run a command: user errors print one clear message (no traceback) and exit non-zero."""
+def guarded(fn: Callable[[], int], on_interrupt: str = "") -> int:
+    """Run a command: user errors print one clear message (no traceback) and exit 2.
+
+    Ctrl-C exits 130 and SIGTERM 143 (the shell's 128 + signal), after saying what was kept.
+    """
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return fn()
@@ -386,10 +450,10 @@ def guarded(fn: Callable[[], int]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; the last finished epoch is saved: continue with --resume", file=sys.stderr)
+        print(f"\ninterrupted{'; ' + on_interrupt if on_interrupt else ''}", file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated; the last finished epoch is saved: continue with --resume", file=sys.stderr)
+        print(f"terminated{'; ' + on_interrupt if on_interrupt else ''}", file=sys.stderr)
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -417,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best epoch {results['best_epoch']} of {results['epochs_run']}; results in {run_dir}")
         return 0
 
-    return guarded(go)
+    return guarded(go, on_interrupt="every finished epoch is saved: continue with --resume")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ class Monitor:
     bad_epochs: int = 0
 
     def _better(self, value: float, than: float | None, delta: float) -> bool:
-        if math.isnan(value):
+        if not math.isfinite(value):  # a NaN or infinite loss is never an improvement, nor the best
             return False
         if than is None:
             return True

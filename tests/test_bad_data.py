@@ -1,0 +1,360 @@
+"""Bad data: the preflight scan finds junk, holes, corrupt files, odd colour modes, leaks and link loops."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from imgcls import config, data, evaluate, predict, run
+from imgcls.errors import DataError
+
+from tiny_data import CLASSES, bomb_png, experiment, image_array, make_data, make_split
+
+
+def data_cfg(base, **overrides) -> config.DataConfig:
+    fields = {"train_dir": str(base / "data" / "train"), "val_dir": str(base / "data" / "val"), "image_size": 16}
+    return config.DataConfig(**(fields | overrides))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------- case 5
+
+
+def test_hidden_folders_are_never_classes_and_junk_files_are_skipped_and_counted(tmp_path):
+    make_data(tmp_path)
+    train = tmp_path / "data" / "train"
+    for junk_dir in (".ipynb_checkpoints", ".git", "__MACOSX"):
+        make_split(train / junk_dir, 1)  # image files inside, still not a class
+        make_split(train / "cat" / junk_dir, 1)  # nor part of one
+    (train / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (train / "cat" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (train / "cat" / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    (train / "cat" / "._0.png").write_bytes(b"\0\5\26\7AppleDouble")
+    (train / "dog" / "notes.txt").write_text("labelled by hand\n")
+    (train / "dog" / "labels.csv").write_text("0.png,dog\n")
+
+    found = data.prepare(data_cfg(tmp_path), progress=False)
+
+    assert found.classes == list(CLASSES)
+    assert len(found.splits["train"].paths) == 16
+    assert not any("/." in p or "__MACOSX" in p for p in found.splits["train"].paths)
+    assert found.report["splits"]["train"]["skipped_files"] == {"hidden or system file": 4, "not an image extension": 2}
+    assert found.report["bad_images"] == []
+
+
+def test_the_preflight_summary_is_printed_and_saved_in_the_run_directory(tmp_path, monkeypatch, capsys):
+    make_data(tmp_path)
+    (tmp_path / "data" / "train" / "cat" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "data" / "val" / "dog" / "readme.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert run.main([str(experiment(tmp_path, {"train": {"epochs": 1}})), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "train: 16 images, 1 non-image files skipped" in err and "val: 8 images, 1 non-image files skipped" in err
+    saved = json.loads((tmp_path / "runs" / "tiny" / "preflight.json").read_text())
+    assert saved["splits"]["train"]["skipped_files"] == {"hidden or system file": 1}
+    assert saved["splits"]["val"]["per_class"] == {"cat": 4, "dog": 4}
+
+
+# ----------------------------------------------------------------------------------- case 6
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_empty_class_folder_is_an_error_naming_class_and_split(tmp_path, split):
+    make_data(tmp_path)
+    folder = tmp_path / "data" / split / "dog"
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / ".DS_Store").write_bytes(b"junk")  # junk alone does not make a class non-empty
+    with pytest.raises(DataError, match=rf"class 'dog' of the {split} split holds no images"):
+        data.prepare(data_cfg(tmp_path), progress=False)
+
+
+# ----------------------------------------------------------------------------------- case 7
+
+
+def test_a_class_missing_from_train_is_an_error(tmp_path):
+    make_data(tmp_path)
+    make_split(tmp_path / "data" / "val", 2, classes=("cat", "dog", "fox"), offset=100)
+    with pytest.raises(DataError, match=r"\['fox'\] are not in the training set's classes"):
+        data.prepare(data_cfg(tmp_path), progress=False)
+
+
+def test_a_class_missing_from_val_is_a_warning_and_labels_follow_train(tmp_path):
+    make_split(tmp_path / "data" / "train", 2, classes=("ant", "bee", "cow"))
+    make_split(tmp_path / "data" / "val", 2, classes=("ant", "cow"), offset=100)
+    found = data.prepare(data_cfg(tmp_path), progress=False)
+    assert found.report["warnings"] == ["val split has no images of class(es) ['bee']"]
+    val = found.splits["val"]
+    labels = {os.path.basename(os.path.dirname(p)): label for p, label in zip(val.paths, val.labels)}
+    assert labels == {"ant": 0, "cow": 2}  # train's mapping, not val's own 0, 1
+
+
+# ----------------------------------------------------------------------------------- case 8
+
+
+def corrupt_files(folder) -> dict[str, str]:
+    """The four kinds of bad file, each with the words its reason must contain."""
+    jpeg = io.BytesIO()
+    Image.fromarray(image_array(0, 7, 64)).save(jpeg, "JPEG")
+    whole_png = png_bytes(image_array(0, 8, 64))
+    files = {
+        "truncated.jpg": (jpeg.getvalue()[: len(jpeg.getvalue()) // 2], "unreadable image"),
+        "truncated.png": (whole_png[: len(whole_png) // 2], "unreadable image"),
+        "empty.png": (b"", "empty file"),
+        "page.png": (b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "not an image"),
+    }
+    for name, (content, _) in files.items():
+        (folder / name).write_bytes(content)
+    return {name: reason for name, (_, reason) in files.items()}
+
+
+def test_corrupt_files_are_all_listed_with_reasons_before_training(tmp_path, monkeypatch, capsys):
+    make_data(tmp_path)
+    reasons = corrupt_files(tmp_path / "data" / "train" / "cat")
+    with pytest.raises(DataError) as info:
+        data.prepare(data_cfg(tmp_path), progress=False)
+    message = str(info.value)
+    assert message.startswith("4 unreadable image(s)") and 'data.on_bad_image = "skip"' in message
+    lines = [line for line in message.splitlines() if line.startswith("  - ")]
+    assert len(lines) == 4
+    for name, reason in reasons.items():
+        assert any(name in line and reason in line for line in lines), (name, lines)
+
+    monkeypatch.chdir(tmp_path)  # through the command: exit 2, and no epoch ran
+    assert run.main([str(experiment(tmp_path)), "--quiet"]) == 2
+    assert "4 unreadable image(s)" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tiny" / "last.safetensors").exists()
+
+
+def test_on_bad_image_skip_leaves_them_out_and_lists_them(tmp_path):
+    make_data(tmp_path)
+    reasons = corrupt_files(tmp_path / "data" / "train" / "cat")
+    found = data.prepare(data_cfg(tmp_path, on_bad_image="skip"), progress=False)
+    assert len(found.report["bad_images"]) == 4
+    for name, reason in reasons.items():
+        assert any(name in b and reason in b for b in found.report["bad_images"])
+    train = found.splits["train"]
+    assert len(train.paths) == len(train.labels) == len(found.images["train"]) == 16
+    assert not any(os.path.basename(p) in reasons for p in train.paths)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_truncated_image_is_refused_or_complete_never_half_grey(tmp_path, fmt):
+    """Cut a file at 40 places: each cut is refused, or (a PNG missing only its end marker) decodes to
+    exactly the whole file's pixels; never a partly grey image."""
+    buf = io.BytesIO()
+    Image.fromarray(image_array(1, 3, 48)).save(buf, fmt, **({"progressive": True} if fmt == "JPEG" else {}))
+    whole = buf.getvalue()
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(whole)
+    reference = data.decode(str(path), 48)
+    refused = 0
+    for cut in sorted(set(np.linspace(1, len(whole) - 1, 40).astype(int))):
+        path.write_bytes(whole[:cut])
+        try:
+            image = data.decode(str(path), 48)
+        except DataError:
+            refused += 1
+            continue
+        assert torch.equal(image, reference), f"cut at {cut} of {len(whole)} bytes loaded different pixels"
+    assert refused >= 38
+
+
+# ----------------------------------------------------------------------------------- case 9
+
+
+def colour_mode_images(folder) -> dict[str, tuple[int, int, int]]:
+    """One 8x8 file per colour mode, and the RGB every pixel must decode to."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+
+    def save(name, img, rgb, **kw):
+        img.save(folder / name, **kw)
+        expected[name] = rgb
+
+    save("cmyk.jpg", Image.new("CMYK", (8, 8), (0, 255, 0, 0)), (255, 0, 255), quality=100)  # magenta
+    save("grey.png", Image.new("L", (8, 8), 77), (77, 77, 77))
+    save("grey_alpha.png", Image.new("LA", (8, 8), (40, 0)), data.BACKGROUND)  # fully transparent
+    save("rgba.png", Image.new("RGBA", (8, 8), (255, 0, 0, 128)), (255, 127, 127))  # half red on white
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)
+    save("palette.png", palette, data.BACKGROUND, transparency=1)  # index 1 (red) is transparent
+    save("one_bit.png", Image.new("1", (8, 8), 1), (255, 255, 255))
+    sixteen = np.full((8, 8), 0xC8FF, dtype=np.uint16)  # 51455 of 65535: level 200 of 255, not clipped at 255
+    save("sixteen_bit.png", Image.fromarray(sixteen), (200, 200, 200))
+    return expected
+
+
+def test_every_colour_mode_becomes_the_right_three_channels(tmp_path):
+    expected = colour_mode_images(tmp_path)
+    with Image.open(tmp_path / "sixteen_bit.png") as img:
+        assert img.mode == "I;16"
+    for name, rgb in expected.items():
+        image = data.decode(str(tmp_path / name), 8)
+        assert image.shape == (3, 8, 8) and image.dtype == torch.uint8, name
+        got = image.reshape(3, -1)
+        assert (got - torch.tensor(rgb).view(3, 1)).abs().max() <= 2, (name, got[:, 0].tolist(), rgb)
+
+
+def exif_rotated_jpeg(path) -> None:
+    """A 24x12 JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view):
+    once upright it is 12 wide and 24 high, red on top and blue at the bottom."""
+    upright = np.zeros((24, 12, 3), dtype=np.uint8)
+    upright[:12] = (255, 0, 0)
+    upright[12:] = (0, 0, 255)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # undone by orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, "JPEG", exif=exif, quality=100)
+
+
+def test_exif_rotated_jpeg_comes_out_upright(tmp_path):
+    exif_rotated_jpeg(tmp_path / "sideways.jpg")
+    image = data.decode(str(tmp_path / "sideways.jpg"), 12)
+    assert image.shape == (3, 24, 12)
+    top, bottom = image[:, 2, 6].tolist(), image[:, 21, 6].tolist()
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50, (top, bottom)
+
+
+def test_a_camera_multi_picture_jpeg_is_its_first_picture(tmp_path):
+    first, preview = Image.new("RGB", (16, 8), (200, 10, 10)), Image.new("RGB", (16, 8), (0, 0, 255))
+    first.save(tmp_path / "mpo.jpg", format="MPO", save_all=True, append_images=[preview])
+    image = data.decode(str(tmp_path / "mpo.jpg"), 8)
+    assert (image.reshape(3, -1).float().mean(1) - torch.tensor([200.0, 10, 10])).abs().max() < 8
+
+
+def test_training_evaluate_and_predict_see_the_same_pixels(tmp_path, monkeypatch, capsys):
+    """The uint8 images the model receives in training, in evaluate and in predict are all the
+    centre crop of data.decode's output (recovered exactly from the normalised input)."""
+    make_data(tmp_path)
+    modes = colour_mode_images(tmp_path / "modes")
+    exif_rotated_jpeg(tmp_path / "modes" / "sideways.jpg")
+    names = sorted(os.listdir(tmp_path / "modes"))
+    for split in ("train", "val"):
+        shutil.rmtree(tmp_path / "data" / split / "cat")
+        shutil.copytree(tmp_path / "modes", tmp_path / "data" / split / "cat")
+    exp_path = experiment(tmp_path, {"augment": [], "train": {"epochs": 1, "channels_last": False},
+                                     "data": {"normalize": "half", "image_size": 8, "resize_size": 8}, "model": {"channels": [8]}})
+    crop = data.eval_transform(8)
+    expected = [crop(data.decode(str(tmp_path / "modes" / n), 8)).numpy().tobytes() for n in names]
+    assert len(modes) + 1 == len(names)
+
+    seen: list[bytes] = []
+
+    def record(module, args):
+        if isinstance(module, run.models.Classifier):  # the model's input: the normalised batch
+            pixels = ((args[0].detach().float() * 0.5 + 0.5) * 255).round().to(torch.uint8)
+            seen.extend(t.contiguous().numpy().tobytes() for t in pixels)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        monkeypatch.chdir(tmp_path)
+        assert run.main([str(exp_path), "--quiet"]) == 0
+        trained = Counter(seen[:16])  # epoch 1 sees 8 + 8 images first (then validation)
+        ckpt = str(tmp_path / "runs" / "tiny" / "best.safetensors")
+        seen.clear()
+        assert evaluate.main([str(exp_path), ckpt]) == 0
+        evaluated = seen[: len(names)]  # val in folder order: cat (the colour modes) first
+        seen.clear()
+        assert predict.main([str(exp_path), ckpt, str(tmp_path / "modes")]) == 0
+        predicted = list(seen)
+    finally:
+        handle.remove()
+    capsys.readouterr()
+    assert evaluated == expected and predicted == expected
+    assert not Counter(expected) - trained, "training saw other pixels for some colour mode"
+
+
+# ---------------------------------------------------------------------------------- case 10
+
+
+@pytest.mark.parametrize("policy", ["warn", "fail"])
+def test_files_shared_between_train_and_val_are_reported_as_leakage(tmp_path, policy):
+    make_data(tmp_path)
+    train_file = tmp_path / "data" / "train" / "dog" / "3.png"
+    shutil.copy(train_file, tmp_path / "data" / "val" / "dog" / "copy.png")
+    cfg = data_cfg(tmp_path, leakage=policy)
+    if policy == "fail":
+        with pytest.raises(DataError, match=r"1 file\(s\) in train are byte-identical") as info:
+            data.prepare(cfg, progress=False)
+        assert f"{train_file} == {tmp_path / 'data' / 'val' / 'dog' / 'copy.png'}" in str(info.value)
+    else:
+        found = data.prepare(cfg, progress=False)
+        assert found.report["leakage"] == [(str(train_file), str(tmp_path / "data" / "val" / "dog" / "copy.png"))]
+        assert any("byte-identical" in w for w in found.report["warnings"])
+
+
+def test_no_leakage_is_reported_for_distinct_files(tmp_path):
+    make_data(tmp_path)
+    found = data.prepare(data_cfg(tmp_path, leakage="fail"), progress=False)
+    assert found.report["leakage"] == [] and found.report["warnings"] == []
+
+
+# ---------------------------------------------------------------------------------- case 11
+
+
+def test_link_loops_and_links_out_of_the_folder_neither_hang_nor_duplicate(tmp_path):
+    make_data(tmp_path)
+    cat = tmp_path / "data" / "train" / "cat"
+    (cat / "sub").mkdir()
+    Image.fromarray(image_array(0, 50)).save(cat / "sub" / "deep.png")
+    os.symlink(cat, cat / "sub" / "loop")  # cat/sub/loop -> cat: a cycle
+    os.symlink(cat / "sub", cat / "again")  # a second way into cat/sub
+    os.symlink(tmp_path / "data" / "train" / "dog", cat / "dogs")  # into another class
+    outside = make_split(tmp_path / "elsewhere", 3)
+    os.symlink(outside, cat / "out")  # out of the data folder
+    os.symlink(cat / "0.png", cat / "0_link.png")  # the same file twice
+
+    found = data.prepare(data_cfg(tmp_path), progress=False)
+    train = found.splits["train"]
+    real = [os.path.realpath(p) for p in train.paths]
+    assert len(real) == len(set(real)) == 17  # 16 images and deep.png, each once
+    assert sum(label == 0 for label in train.labels) == 9
+    assert all(os.path.realpath(p).startswith(str(tmp_path / "data" / "train")) for p in train.paths)
+    assert found.report["splits"]["train"]["skipped_files"] == {
+        "linked folder seen before (a link loop or a second link)": 2,
+        "linked folder outside the class folder": 2,
+        "duplicate link to the same file": 1,
+    }
+
+
+def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path, monkeypatch):
+    """Memory stays bounded: the size in the header is refused before any pixel is decoded."""
+    bomb_png(tmp_path / "bomb.png", 10_000)  # 100 Mpixel: above PIL's warning limit, below its hard limit
+    assert os.path.getsize(tmp_path / "bomb.png") < 1_000_000
+
+    def no_decoding(self):
+        raise AssertionError("the bomb's pixels were being decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(DataError, match="too many pixels"):
+        data.decode(str(tmp_path / "bomb.png"), 16)
+
+
+def test_animated_images_folders_named_like_images_and_broken_links_are_bad_files(tmp_path):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "moving.png", "GIF", save_all=True, append_images=frames[1:])  # a GIF named .png
+    (tmp_path / "album.jpg").mkdir()
+    Image.fromarray(image_array(0, 1)).save(tmp_path / "album.jpg" / "inside.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    listed = data._image_files(str(tmp_path), Counter())
+    assert [os.path.basename(p) for p in listed] == ["album.jpg", "dangling.png", "moving.png"]  # not entered
+    reasons = {"album.jpg": "a folder, not an image file", "dangling.png": "broken symbolic link",
+               "moving.png": "animated or multi-page image (2 frames)"}
+    for path in listed:
+        with pytest.raises(DataError, match=re.escape(f"{path}: {reasons[os.path.basename(path)]}")):
+            data.decode(path, 16)

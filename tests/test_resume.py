@@ -1,0 +1,375 @@
+"""Interrupted runs: crashes, kill -9, Ctrl-C, SIGTERM, a full disk and NaNs; resume is bit-identical.
+
+Every test compares against one uninterrupted run of the tiny experiment: the model tensors of
+best and last, metrics.json and history.csv, minus the wall-clock fields.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from imgcls import checkpoint as ckpt_io
+from imgcls import config, report, run
+from imgcls.errors import UserError
+
+from tiny_data import checkpoint_epoch, cli_env, experiment, fingerprint, make_data
+
+EPOCHS, STEPS = 3, 4  # the tiny experiment: 16 training images in batches of 4
+
+
+class Crash(BaseException):
+    """Stands in for a kill: not an Exception, so nothing on the way out can handle it."""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("resume"))
+
+
+@pytest.fixture(scope="module")
+def baseline(data_dir) -> dict:
+    """The uninterrupted run's fingerprint."""
+    exp = config.load(experiment(data_dir, {"name": "uninterrupted"}, "uninterrupted.toml"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(data_dir)
+        run.run(exp, progress=False)
+    return fingerprint(data_dir / "runs" / "uninterrupted")
+
+
+def start(data_dir: Path, name: str, resume: bool, **overrides) -> None:
+    exp = config.load(experiment(data_dir, {"name": name, **overrides}, f"{name}.toml"))
+    cwd = os.getcwd()
+    os.chdir(data_dir)
+    try:
+        run.run(exp, resume=resume, progress=False)
+    finally:
+        os.chdir(cwd)
+
+
+# ------------------------------------------------------------------------- where a crash lands
+
+
+def at_optimizer_step(n: int):
+    """Crash after the n-th optimizer step of this process (mid-epoch)."""
+
+    def install(mp):
+        count = [0]
+
+        def hook(optimizer, args, kwargs):
+            count[0] += 1
+            if count[0] == n:
+                raise Crash(f"step {n}")
+
+        return register_optimizer_step_post_hook(hook)  # removed by crash_run
+
+    return install
+
+
+def before_checkpoint(name: str, epoch: int):
+    """Crash as the checkpoint `name` of `epoch` is about to be saved."""
+
+    def install(mp):
+        real = ckpt_io.save
+
+        def save(path, ckpt):
+            if Path(path).name == name and ckpt.meta["epoch"] == epoch:
+                raise Crash(f"before {name} of epoch {epoch}")
+            return real(path, ckpt)
+
+        mp.setattr(ckpt_io, "save", save)
+
+    return install
+
+
+def before_history_with(rows: int):
+    def install(mp):
+        real = report.write_history
+
+        def write_history(path, history):
+            if len(history) == rows:
+                raise Crash(f"before history.csv with {rows} rows")
+            return real(path, history)
+
+        mp.setattr(report, "write_history", write_history)
+
+    return install
+
+
+def before_result(name: str):
+    def install(mp):
+        real = report.write_json
+
+        def write_json(path, content):
+            if Path(path).name == name:
+                raise Crash(f"before {name}")
+            return real(path, content)
+
+        mp.setattr(report, "write_json", write_json)
+
+    return install
+
+
+def crash_run(data_dir: Path, name: str, resume: bool, where, **overrides) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        handle = where(mp)
+        try:
+            with pytest.raises(Crash):
+                start(data_dir, name, resume, **overrides)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+# ------------------------------------------------------------------------------------ case 15
+
+
+def test_crashes_at_every_kind_of_moment_then_resume_give_the_uninterrupted_bits(data_dir, baseline):
+    """One run crashed six times (mid-epoch, between best and last, before a save, before the
+    history, inside the final report), each time resumed. One resume trains its epochs with 2
+    loader workers: a resume may change num_workers because that cannot change a single bit."""
+    name = "crashed"
+    crashes = [
+        (at_optimizer_step(3), {}),  # epoch 1, nothing saved yet
+        (before_checkpoint("last.safetensors", 1), {}),  # best of epoch 1 written, last not
+        (before_checkpoint("last.safetensors", 2), {}),  # starts over; this time epoch 1 is saved
+        (at_optimizer_step(2), {}),  # resumed after epoch 1: crashes mid-epoch 2
+        (before_history_with(EPOCHS), {"data": {"num_workers": 2}}),  # after the last epoch's checkpoints
+        (before_result("metrics.json"), {}),  # inside finish: plots and reports written, metrics not
+    ]
+    epochs_saved, steps = [], [0]
+
+    def count(optimizer, args, kwargs):
+        steps[-1] += 1
+
+    handle = register_optimizer_step_post_hook(count)
+    try:
+        for i, (where, overrides) in enumerate(crashes):
+            crash_run(data_dir, name, resume=i > 0, where=where, **overrides)
+            epochs_saved.append(checkpoint_epoch(data_dir / "runs" / name / "last.safetensors"))
+            steps.append(0)
+        start(data_dir, name, resume=True)
+    finally:
+        handle.remove()
+    assert epochs_saved == [0, 0, 1, 1, 3, 3]
+    # Each resume starts after the last saved epoch (a restart from scratch would also give the same bits).
+    assert steps == [3, STEPS, 2 * STEPS, 2, 2 * STEPS, 0, 0]
+    assert fingerprint(data_dir / "runs" / name) == baseline
+
+
+def test_resuming_a_changed_experiment_is_refused_listing_what_differs(data_dir):
+    name = "changed"
+    crash_run(data_dir, name, resume=False, where=before_checkpoint("last.safetensors", 2))
+    with pytest.raises(UserError) as info:
+        start(data_dir, name, resume=True, optimizer={"lr": 0.1}, data={"batch_size": 8, "num_workers": 1})
+    message = str(info.value)
+    assert "the experiment changed since the run started" in message
+    assert "data.batch_size: 4 (run) vs 8 (now)" in message and "optimizer.lr: 0.05 (run) vs 0.1 (now)" in message
+    assert "num_workers" not in message  # allowed: it cannot change results
+    with pytest.raises(UserError, match="holds an unfinished run. Continue it with --resume"):
+        start(data_dir, name, resume=False)
+    start(data_dir, name, resume=True)
+    with pytest.raises(UserError, match="already holds a finished run"):
+        start(data_dir, name, resume=False)
+
+
+def test_resuming_a_run_killed_after_its_last_write_reports_its_results(data_dir, baseline, monkeypatch, capsys):
+    monkeypatch.chdir(data_dir)
+    metrics = (data_dir / "runs" / "uninterrupted" / "metrics.json").stat().st_mtime_ns
+    assert run.main([str(data_dir / "uninterrupted.toml"), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "already holds the finished run" in err
+    assert out.startswith("val: accuracy ") and "best epoch 3 of 3" in out
+    assert (data_dir / "runs" / "uninterrupted" / "metrics.json").stat().st_mtime_ns == metrics
+    assert run.main([str(data_dir / "uninterrupted.toml")]) == 2  # without --resume a finished run is kept safe
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_a_last_checkpoint_from_another_experiment_is_refused(data_dir, tmp_path):
+    name = "swapped"
+    crash_run(data_dir, name, resume=False, where=before_checkpoint("last.safetensors", 2))
+    crash_run(data_dir, "other", resume=False, where=before_checkpoint("last.safetensors", 2), seed=9)
+    shutil.copy(data_dir / "runs" / "other" / "last.safetensors", data_dir / "runs" / name / "last.safetensors")
+    with pytest.raises(UserError, match=r"saved by a different experiment:\n  - name: \"other\" \(checkpoint\) vs \"swapped\""):
+        start(data_dir, name, resume=True)
+
+
+# ------------------------------------------------------------------------------- cases 15, 18
+
+
+def interrupted_chain(data_dir: Path, name: str, workers: int, signals: list[int], log: list) -> None:
+    """Start the run, and each time a new epoch's last checkpoint appears send the next signal;
+    then --resume; finally let the last resume finish."""
+    exp_path = experiment(data_dir, {"name": name, "data": {"num_workers": workers}}, f"{name}.toml")
+    last = data_dir / "runs" / name / "last.safetensors"
+    for i, sig in enumerate([*signals, None]):
+        out = (data_dir / f"{name}.{i}.err").open("w+")
+        args = [sys.executable, "-m", "imgcls.run", str(exp_path), "--quiet", *(["--resume"] if i else [])]
+        env = cli_env(OMP_NUM_THREADS=str(torch.get_num_threads()))  # as many threads as the baseline had
+        proc = subprocess.Popen(args, cwd=data_dir, env=env, stdout=subprocess.DEVNULL, stderr=out)
+        saved = checkpoint_epoch(last)
+        deadline = time.monotonic() + 300
+        while sig is not None and proc.poll() is None and checkpoint_epoch(last) == saved:
+            assert time.monotonic() < deadline
+            time.sleep(0.003)
+        if sig is not None:
+            time.sleep(0.02 * i)  # a little later into the next epoch each time
+            proc.send_signal(sig)
+        proc.wait(timeout=300)
+        out.seek(0)
+        log.append((name, sig, proc.returncode, out.read()))
+        out.close()
+
+
+@pytest.mark.slow
+def test_kill_9_and_sigterm_then_resume_give_the_uninterrupted_bits(data_dir, baseline):
+    """`python -m imgcls.run EXP --resume` after kill -9 with 0 and with 2 loader workers, and after
+    SIGTERM (exit 143, no traceback from any worker process): the finished run is bit-identical to
+    the uninterrupted one. The two chains run side by side to share the start-up cost."""
+    log: list = []
+    chains = {
+        "killed_w0": (0, [signal.SIGKILL]),
+        "killed_w2": (2, [signal.SIGKILL, signal.SIGTERM]),
+    }
+    threads = [threading.Thread(target=interrupted_chain, args=(data_dir, name, w, sigs, log)) for name, (w, sigs) in chains.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected_codes = {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143, None: 0}
+    for name, sig, code, err in log:
+        assert code == expected_codes[sig], (name, sig, code, err)
+        assert "Traceback" not in err, (name, sig, err)  # also none from the loader's worker processes
+        if sig == signal.SIGTERM:
+            assert "terminated; every finished epoch is saved: continue with --resume" in err
+    resumed = [err for name, sig, code, err in log if "resuming runs" in err]
+    assert len(resumed) == 3, log  # every restart continued from a saved epoch
+    assert len(log) == 5
+    for name in chains:
+        assert fingerprint(data_dir / "runs" / name) == baseline, name
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_stop_cleanly_with_130_and_143_and_the_run_resumes(data_dir, baseline, monkeypatch, capsys, sig, code):
+    """The signal arrives mid-epoch 2, sent to this very process."""
+    name = f"signal{int(sig)}"
+    exp_path = experiment(data_dir, {"name": name}, f"{name}.toml")
+    count = [0]
+
+    def hook(optimizer, args, kwargs):
+        count[0] += 1
+        if count[0] == STEPS + 2:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.chdir(data_dir)
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        assert run.main([str(exp_path), "--quiet"]) == code
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("every finished epoch is saved: continue with --resume") and "Traceback" not in err
+    assert checkpoint_epoch(data_dir / "runs" / name / "last.safetensors") == 1
+    assert run.main([str(exp_path), "--resume", "--quiet"]) == 0
+    assert f"resuming {Path('runs') / name} after epoch 1" in capsys.readouterr().err
+    assert fingerprint(data_dir / "runs" / name) == baseline
+
+
+# ------------------------------------------------------------------------------- cases 16, 17
+
+
+def test_leftover_temp_files_are_cleaned_and_never_resumed_from(data_dir, capsys):
+    name = "leftovers"
+    crash_run(data_dir, name, resume=False, where=before_checkpoint("last.safetensors", 2))
+    run_dir = data_dir / "runs" / name
+    # What a kill -9 during a save leaves: a temp file, here holding a later epoch than last.
+    shutil.copy(run_dir / "best.safetensors", run_dir / f"{ckpt_io.TEMP_PREFIX}last.safetensors.x1y2")
+    (run_dir / f"{ckpt_io.TEMP_PREFIX}metrics.json.a1b2").write_text("{")
+    capsys.readouterr()
+    crash_run(data_dir, name, resume=True, where=at_optimizer_step(1))
+    assert f"resuming {Path('runs') / name} after epoch 1" in capsys.readouterr().err  # from last, not the temp file
+    assert not list(run_dir.glob(ckpt_io.TEMP_PREFIX + "*"))
+
+
+def test_disk_full_during_a_save_names_the_path_keeps_the_last_epoch_and_resumes(data_dir, baseline, monkeypatch, capsys):
+    name = "diskfull"
+    exp_path = experiment(data_dir, {"name": name}, f"{name}.toml")
+    run_dir = data_dir / "runs" / name
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}") if isinstance(fd, int) and fd >= 0 else ""
+        if "last.safetensors" in target and checkpoint_epoch(run_dir / "last.safetensors") == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.chdir(data_dir)
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert run.main([str(exp_path), "--quiet"]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert f"error: {Path('runs') / name / 'last.safetensors'}: disk full while saving" in err, err
+    assert "Traceback" not in err
+    assert ckpt_io.load(run_dir / "last.safetensors").meta["epoch"] == 1
+    assert not list(run_dir.glob(ckpt_io.TEMP_PREFIX + "*"))
+    start(data_dir, name, resume=True)
+    assert fingerprint(run_dir) == baseline
+
+
+# ------------------------------------------------------------------------------------ case 19
+
+
+def test_a_nan_loss_stops_the_run_naming_epoch_and_step_and_no_checkpoint_holds_it(data_dir, monkeypatch, capsys):
+    name = "nanloss"
+    calls = [0]
+    real_forward = torch.nn.CrossEntropyLoss.forward
+
+    def forward(self, logits, target):
+        calls[0] += 1
+        loss = real_forward(self, logits, target)
+        return loss * float("nan") if calls[0] == STEPS + 2 else loss  # epoch 2, step 2
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
+    monkeypatch.chdir(data_dir)
+    assert run.main([str(experiment(data_dir, {"name": name}, f"{name}.toml")), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the training loss became nan at epoch 2, step 2" in err and "Traceback" not in err, err
+    run_dir = data_dir / "runs" / name
+    for ckpt in ("best.safetensors", "last.safetensors"):
+        saved = ckpt_io.load(run_dir / ckpt)
+        assert saved.meta["epoch"] == 1
+        assert all(torch.isfinite(t).all() for t in saved.model.values() if t.is_floating_point())
+
+
+def test_weights_that_turn_nan_without_a_nan_loss_are_not_saved(data_dir, monkeypatch, capsys):
+    """The last step of epoch 2 leaves a NaN weight while every loss was finite: the save refuses."""
+    name = "nanweights"
+    count = [0]
+
+    def poison(optimizer, args, kwargs):
+        count[0] += 1
+        if count[0] == 2 * STEPS:
+            optimizer.param_groups[0]["params"][0].data[0] = float("nan")
+
+    handle = register_optimizer_step_post_hook(poison)
+    try:
+        monkeypatch.chdir(data_dir)
+        assert run.main([str(experiment(data_dir, {"name": name}, f"{name}.toml")), "--quiet"]) == 2
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err
+    assert "last.safetensors: not saved: the weights became NaN or infinite after epoch 2" in err, err
+    run_dir = data_dir / "runs" / name
+    assert ckpt_io.load(run_dir / "last.safetensors").meta["epoch"] == 1
+    assert ckpt_io.load(run_dir / "best.safetensors").meta["epoch"] == 1  # the NaN val loss was not best
