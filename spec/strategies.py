@@ -200,6 +200,8 @@ SECTION_FIELDS: dict[type, dict[str, Any]] = {
         "select_best": st.sampled_from(["val_loss", "val_acc"]),
         "channels_last": st.booleans(),
         "precision": st.sampled_from(["fp32", "bf16"]),
+        "feature_cache": st.booleans(),
+        "allocator": st.sampled_from(["retain", "system"]),
     },
     C.EarlyStopping: {
         "monitor": st.sampled_from(["val_loss", "val_acc"]),

@@ -12,7 +12,7 @@ import tomli_w
 from imgcls import config, data, run
 from imgcls.errors import ConfigError
 
-from tiny_data import TINY, cli, experiment, make_data
+from .tiny_data import TINY, cli, experiment, make_data
 
 
 def problems_of(text: str, source: str = "exp.toml") -> list[str]:

@@ -17,7 +17,7 @@ from PIL import Image, ImageFile
 from imgcls import config, data, evaluate, predict, run
 from imgcls.errors import DataError
 
-from tiny_data import CLASSES, bomb_png, experiment, image_array, make_data, make_split
+from .tiny_data import CLASSES, bomb_png, experiment, image_array, make_data, make_split
 
 
 def data_cfg(base, **overrides) -> config.DataConfig:

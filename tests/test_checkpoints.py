@@ -20,7 +20,7 @@ from imgcls import checkpoint as ckpt_io
 from imgcls import config, evaluate, predict, run, train
 from imgcls.errors import CheckpointError, UserError
 
-from tiny_data import REPO, experiment, make_data, make_split
+from .tiny_data import REPO, experiment, make_data, make_split
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import EpsImagePlugin, Image
 from imgcls import config, data, run
 from imgcls.errors import DataError
 
-from tiny_data import bomb_png, cli, cli_env, experiment, image_array, make_data
+from .tiny_data import bomb_png, cli, cli_env, experiment, image_array, make_data
 
 EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
 %%BoundingBox: 0 0 16 16

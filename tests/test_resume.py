@@ -24,7 +24,7 @@ from imgcls import checkpoint as ckpt_io
 from imgcls import config, report, run
 from imgcls.errors import UserError
 
-from tiny_data import checkpoint_epoch, cli_env, experiment, fingerprint, make_data
+from .tiny_data import checkpoint_epoch, cli_env, experiment, fingerprint, make_data
 
 EPOCHS, STEPS = 3, 4  # the tiny experiment: 16 training images in batches of 4
 
