@@ -48,13 +48,15 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
     seed_everything(exp.seed, device)
     train.configure_allocator(exp.train.allocator)  # before the first image is decoded: it governs every later block
 
+    # The model first: pretrained weights that cannot be had fail the run before any image is
+    # decoded or file written. Decoding draws no randomness, so the order leaves the bits alone.
+    model = build(exp, len(data.scan_classes(exp.data.train_dir)), device)
     dataset = data.prepare(exp.data, progress)  # the preflight: every image decoded and checked once
     print_preflight(dataset.report)
     report.write_json(run_dir / "preflight.json", dataset.report)
     ckpt_io.atomic_write(run_dir / "config.toml", config.to_toml(exp))
     report.write_json(run_dir / "env.json", environment())
 
-    model = build(exp, len(dataset.classes), device)
     loaders = build_loaders(exp, dataset)
     optimizer = train.build_optimizer(exp.optimizer, model.parameters())
     schedule = train.build_scheduler(exp.scheduler, optimizer, exp.train.epochs, len(loaders["train"]))

@@ -75,3 +75,25 @@ def test_frozen_backbone_has_no_trainable_parameters_and_stays_in_eval_mode():
     assert trainable == {"head.weight", "head.bias"}
     assert not any(m.training for m in model.backbone.modules())
     assert model.head.training
+
+
+def test_missing_imagenet_weights_stop_the_run_before_any_file_is_written(tmp_path, shapes_data, monkeypatch):
+    from imgcls import data, run
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub-home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    decoded = []
+    monkeypatch.setattr(data, "decode", lambda *a, **k: decoded.append(a) or torch.zeros(3, 40, 40, dtype=torch.uint8))
+    exp = config.validate(
+        {
+            "name": "r",
+            "device": "cpu",
+            "data": {"train_dir": str(shapes_data / "train"), "val_dir": str(shapes_data / "val"), "image_size": 32},
+            "model": {"arch": "resnet18", "weights": "imagenet", "freeze_backbone": True},
+            "output": {"root": str(tmp_path / "runs")},
+        }
+    )
+    with pytest.raises(ConfigError, match="model.weights"):
+        run.run(exp, progress=False)
+    assert decoded == []
+    assert not (tmp_path / "runs").exists()
