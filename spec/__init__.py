@@ -1,1 +1,1 @@
-"""Property tests of the textbook claims imgcls is built on (see CLAIMS.md)."""
+"""Property tests of the textbook claims imgcls is built on (listed in README.md)."""
