@@ -10,7 +10,6 @@ import json
 import sys
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support

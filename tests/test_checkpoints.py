@@ -20,21 +20,14 @@ from imgcls import checkpoint as ckpt_io
 from imgcls import config, evaluate, predict, run, train
 from imgcls.errors import CheckpointError, UserError
 
-from .tiny_data import REPO, experiment, make_data, make_split
+from .tiny_data import REPO, experiment, make_data, make_split, train_tiny
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished one-epoch run: (base folder, experiment path, run directory)."""
     base = tmp_path_factory.mktemp("trained")
-    make_data(base)
-    exp_path = experiment(base, {"train": {"epochs": 1}})
-    cwd = os.getcwd()
-    os.chdir(base)
-    try:
-        run.run(config.load(exp_path), progress=False)
-    finally:
-        os.chdir(cwd)
+    exp_path = train_tiny(base, {"train": {"epochs": 1}})
     return base, exp_path, base / "runs" / "tiny"
 
 

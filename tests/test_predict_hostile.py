@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from imgcls import config, data, run
+from imgcls import data
 from imgcls.errors import DataError
 
-from .tiny_data import bomb_png, cli, cli_env, experiment, image_array, make_data
+from .tiny_data import bomb_png, cli, cli_env, image_array, train_tiny
 
 EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
 %%BoundingBox: 0 0 16 16
@@ -78,14 +78,7 @@ def test_the_eps_file_would_start_ghostscript_if_its_decoder_were_allowed(tmp_pa
 
 @pytest.mark.slow
 def test_predict_over_a_hostile_folder_classifies_the_good_and_names_each_bad(tmp_path):
-    make_data(tmp_path)
-    exp_path = experiment(tmp_path, {"train": {"epochs": 1}})
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        run.run(config.load(exp_path), progress=False)
-    finally:
-        os.chdir(cwd)
+    exp_path = train_tiny(tmp_path, {"train": {"epochs": 1}})
     expected = hostile_folder(tmp_path / "inbox")
     marker = tmp_path / "gs-started"
     path = f"{fake_ghostscript(tmp_path / 'bin', marker)}{os.pathsep}{os.environ['PATH']}"

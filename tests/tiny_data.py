@@ -68,6 +68,21 @@ def experiment(base: Path, overrides: dict[str, Any] | None = None, filename: st
     return path
 
 
+def train_tiny(base: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Make the tiny data set under base, run its experiment in-process there; returns the experiment path."""
+    from imgcls import config, run
+
+    make_data(base)
+    exp_path = experiment(base, overrides)
+    cwd = os.getcwd()
+    os.chdir(base)  # the experiment's relative paths start at base
+    try:
+        run.run(config.load(exp_path), progress=False)
+    finally:
+        os.chdir(cwd)
+    return exp_path
+
+
 def _merge(into: dict, new: dict) -> None:
     for key, value in new.items():
         if value is None:
