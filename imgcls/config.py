@@ -337,7 +337,8 @@ class TrainConfig(Section):
     allocator: Literal["retain", "system"] = Field(
         "retain",
         description='"retain": glibc keeps freed memory for reuse instead of returning large blocks to the OS after '
-        'every step (1.4-1.6x for the scratch CNN @128 on a 2-core Zen 4; `python -m bench allocator` measures it); "system": the C library\'s defaults. Never changes results',
+        'every step (2.1x for the bare scratch CNN @128 on the 2-core reference machine: `python -m bench allocator`); '
+        '"system": the C library\'s defaults. Never changes results',
     )
 
 
