@@ -65,7 +65,7 @@ max_lr = 0.004
 [train]
 epochs = {epochs}
 select_best = "val_acc"
-precision = "bf16"
+precision = "fp32"
 
 [output]
 root = "{runs}"
@@ -109,7 +109,7 @@ def image_folder() -> Path:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    epochs = 2 if quick else 12
+    epochs = 2 if quick else 10
     root = image_folder()
     runs = CACHE / "runs"
     shutil.rmtree(runs / "fashion_mnist", ignore_errors=True)
