@@ -76,7 +76,7 @@ def scan_split(name: str, root: str, classes: list[str]) -> Split:
         folder = os.path.join(root, cls)
         if not os.path.isdir(folder):
             continue
-        files = _image_files(folder, split.skipped)
+        files = image_files(folder, split.skipped)
         if not files:
             raise DataError(f"{folder}: class {cls!r} of the {name} split holds no images")
         split.paths += files
@@ -84,7 +84,7 @@ def scan_split(name: str, root: str, classes: list[str]) -> Split:
     return split
 
 
-def _image_files(folder: str, skipped: Counter) -> list[str]:
+def image_files(folder: str, skipped: Counter) -> list[str]:
     """Image files below folder, sorted; symlinked folders are followed once and never out of folder."""
     top = os.path.realpath(folder)
     seen_dirs, seen_files, found = set(), set(), []
@@ -305,16 +305,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ImageSet(Dataset):
     """Items are keyed by (epoch, index) so a sample's randomness never depends on who loads it."""
 
-    def __init__(self, split: Split, images: list[torch.Tensor] | None, resize_size: int, transform, seed: int):
-        self.split, self.images, self.resize_size = split, images, resize_size
-        self.transform, self.seed = transform, seed
+    def __init__(self, split: Split, images: list[torch.Tensor], transform, seed: int):
+        self.split, self.images, self.transform, self.seed = split, images, transform, seed
 
     def __len__(self) -> int:
         return len(self.split.paths)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
-        image = self.images[index] if self.images is not None else decode(self.split.paths[index], self.resize_size)
+        image = self.images[index]
         # Only the CPU generator (the one transforms v2 draw from) is seeded and restored:
         # torch.manual_seed also queues CUDA/XPU/MTIA seeding with a formatted stack trace each time,
         # which cost more than the augmentation itself.
@@ -395,7 +394,7 @@ class Data:
 
     classes: list[str]
     splits: dict[str, Split]
-    images: dict[str, list[torch.Tensor] | None]
+    images: dict[str, list[torch.Tensor]]
     report: dict
 
 
@@ -410,10 +409,10 @@ def prepare(cfg: C.DataConfig, progress: bool = True) -> Data:
     roots = {"train": cfg.train_dir, "val": cfg.val_dir, "test": cfg.test_dir}
     splits = {name: scan_split(name, root, classes) for name, root in roots.items() if root is not None}
     report: dict = {"classes": classes, "splits": {}, "warnings": []}
-    images: dict[str, list[torch.Tensor] | None] = {}
+    images: dict[str, list[torch.Tensor]] = {}
     bad: list[str] = []
     for name, split in splits.items():
-        decoded, failures = _decode_split(split, cfg.resize_size, progress)
+        decoded, failures = decode_split(split, cfg.resize_size, progress)
         bad += failures
         images[name] = decoded
         counts = Counter(classes[label] for label in split.labels)
@@ -443,7 +442,7 @@ def prepare(cfg: C.DataConfig, progress: bool = True) -> Data:
     return Data(classes, splits, images, report)
 
 
-def _decode_split(split: Split, resize_size: int, progress: bool) -> tuple[list[torch.Tensor], list[str]]:
+def decode_split(split: Split, resize_size: int, progress: bool) -> tuple[list[torch.Tensor], list[str]]:
     keep_paths, keep_labels, decoded, failures = [], [], [], []
     bar = tqdm(split.paths, desc=f"decode {split.name}", unit="img", disable=not progress, leave=False)
     for path, label in zip(bar, split.labels):

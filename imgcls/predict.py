@@ -27,7 +27,7 @@ def expand(inputs: list[str]) -> list[str]:
     paths = []
     for item in inputs:
         if os.path.isdir(item) and not item.lower().endswith(data.IMAGE_EXTENSIONS):
-            paths += data._image_files(item, Counter())
+            paths += data.image_files(item, Counter())
         else:
             paths.append(item)
     return paths

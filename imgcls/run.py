@@ -180,9 +180,7 @@ def build_loaders(exp: config.Experiment, dataset: data.Data) -> dict[str, Any]:
     loaders = {}
     for split_name, split in dataset.splits.items():
         is_train = split_name == "train"
-        images = data.ImageSet(
-            split, dataset.images[split_name], exp.data.resize_size, train_tf if is_train else eval_tf, exp.seed
-        )
+        images = data.ImageSet(split, dataset.images[split_name], train_tf if is_train else eval_tf, exp.seed)
         batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
         loaders[split_name] = data.make_loader(images, batch, is_train, exp.data.num_workers, exp.seed)
     return loaders
@@ -381,10 +379,10 @@ def split_logits(loaded: Loaded, split: str) -> tuple[list[str], torch.Tensor, t
     if root is None:
         raise ConfigError("experiment", ["data.test_dir is not set, so there is no test split to evaluate"])
     images = data.scan_split(split, root, loaded.classes)
-    decoded, failures = data._decode_split(images, exp.data.resize_size, progress=False)
+    decoded, failures = data.decode_split(images, exp.data.resize_size, progress=False)
     for f in failures:
         print(f"skipped: {f}", file=sys.stderr)
-    dataset = data.ImageSet(images, decoded, exp.data.resize_size, data.eval_transform(exp.data.image_size), exp.seed)
+    dataset = data.ImageSet(images, decoded, data.eval_transform(exp.data.image_size), exp.seed)
     loader = data.make_loader(dataset, exp.data.eval_batch_size, False, 0, exp.seed)
     logits, labels = evaluate.predict_logits(loaded.model, loader, loaded.prepare_input, loaded.device, exp.train.precision)
     return images.paths, logits, labels

@@ -24,9 +24,9 @@ def decoded_image(resize_size: int, longer: int, portrait: bool, seed: int) -> t
     return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator(seed))
 
 
-def image_set(images: list[torch.Tensor], labels: list[int], resize_size: int, transform, seed: int) -> data.ImageSet:
+def image_set(images: list[torch.Tensor], labels: list[int], transform, seed: int) -> data.ImageSet:
     split = data.Split("train", "unused", [f"{i}.png" for i in range(len(images))], labels)
-    return data.ImageSet(split, images, resize_size, transform, seed)
+    return data.ImageSet(split, images, transform, seed)
 
 
 @st.composite
@@ -48,7 +48,7 @@ def decoded(draw) -> dict:
 def check_eval_deterministic(make_transform, d: dict) -> None:
     """The same sample, fetched in different epochs under different global RNG states, is identical."""
     image = decoded_image(d["resize_size"], d["longer"], d["portrait"], d["seed"])
-    items = image_set([image], [0], d["resize_size"], make_transform(d["image_size"]), d["seed"])
+    items = image_set([image], [0], make_transform(d["image_size"]), d["seed"])
     torch.manual_seed(d["seed"])
     first = items[(1, 0)][0]
     torch.manual_seed(d["seed"] + 1)
@@ -93,9 +93,7 @@ def check_augment_keeps_shape_dtype_label(build, d: dict, ops: list[dict], label
         assert all("augment[" in p for p in e.problems), e.problems
         return
     image = decoded_image(d["resize_size"], d["longer"], d["portrait"], d["seed"])
-    items = image_set(
-        [image, image], [label, label + 1], d["resize_size"], build(exp.augment, d["image_size"]), d["seed"]
-    )
+    items = image_set([image, image], [label, label + 1], build(exp.augment, d["image_size"]), d["seed"])
     for index in (0, 1):
         out, out_label = items[(epoch, index)]
         assert out.shape == (3, d["image_size"], d["image_size"]), out.shape

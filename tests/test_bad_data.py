@@ -351,7 +351,7 @@ def test_animated_images_folders_named_like_images_and_broken_links_are_bad_file
     (tmp_path / "album.jpg").mkdir()
     Image.fromarray(image_array(0, 1)).save(tmp_path / "album.jpg" / "inside.png")
     os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
-    listed = data._image_files(str(tmp_path), Counter())
+    listed = data.image_files(str(tmp_path), Counter())
     assert [os.path.basename(p) for p in listed] == ["album.jpg", "dangling.png", "moving.png"]  # not entered
     reasons = {"album.jpg": "a folder, not an image file", "dangling.png": "broken symbolic link",
                "moving.png": "animated or multi-page image (2 frames)"}
