@@ -174,9 +174,11 @@ def _decode_file(f, path: str, resize_size: int) -> torch.Tensor:
         raise DataError(f"{path}: not an image in a supported format ({', '.join(DECODERS)})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
-    img = _resize_shorter(img, resize_size)
-    # HWC -> CHW in numpy: torch's strided uint8 copy of the same permute took ~5 ms per image (half of decode).
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+    # A (3, H, W) view of PIL's HWC bytes: channels-last strides are what torch's vectorised uint8
+    # resize wants (0.19 ms for a 200x150 photo against PIL's 0.47 ms), and the contiguous copy
+    # afterwards is the one HWC -> CHW copy the cache needs.
+    image = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    return _resize_shorter(image, resize_size).contiguous()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -197,15 +199,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    if w <= h:
-        new = (size, max(1, round(h * size / w)))
-    else:
-        new = (max(1, round(w * size / h)), size)
-    return img.resize(new, Image.Resampling.BILINEAR)
+def _resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear with antialiasing (torchvision's Resize(size) on uint8), shorter side to size."""
+    h, w = image.shape[-2:]
+    if min(h, w) == size:
+        return image
+    new = [size, max(1, round(w * size / h))] if h <= w else [max(1, round(h * size / w)), size]
+    return v2.functional.resize(image, new, antialias=True)
 
 
 def file_hash(path: str) -> str:

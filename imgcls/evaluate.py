@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
 from imgcls.train import autocast
@@ -42,6 +41,9 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
 
     Classes absent from the split still get a row, so matrices of different splits line up.
     """
+    # Imported here: sklearn takes ~1.9 s to import, which predict (loading this module via run) never needs.
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     y_true = labels.numpy()
     y_pred = logits.argmax(1).numpy()
     ids = list(range(len(classes)))
@@ -61,6 +63,8 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
 
 
 def text_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> str:
+    from sklearn.metrics import classification_report
+
     return classification_report(
         labels.numpy(), logits.argmax(1).numpy(), labels=list(range(len(classes))), target_names=classes,
         digits=4, zero_division=0,

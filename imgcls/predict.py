@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections import Counter
 import json
 import os
 import sys
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import torch
 
@@ -53,11 +55,9 @@ def classify(loaded, paths: list[str], top_k: int) -> tuple[list[dict], list[str
         batch_paths.clear()
         batch.clear()
 
-    for path in paths:
-        try:
-            image = data.decode(path, exp.data.resize_size)
-        except DataError as e:
-            errors.append(str(e))
+    for path, image in _decoded_ahead(paths, exp.data.resize_size, exp.data.eval_batch_size):
+        if isinstance(image, DataError):
+            errors.append(str(image))
             continue
         batch_paths.append(path)
         batch.append(transform(image))
@@ -65,6 +65,28 @@ def classify(loaded, paths: list[str], top_k: int) -> tuple[list[dict], list[str
             flush()
     flush()
     return results, errors
+
+
+def _decoded_ahead(paths: list[str], resize_size: int, window: int) -> Iterator[tuple[str, torch.Tensor | DataError]]:
+    """(path, image or its DataError) in order, decoded up to `window` files ahead in a thread.
+
+    PIL decodes without the GIL, so the next batch's files are read while the model runs on this
+    one; the window bounds the memory a large folder can take.
+    """
+
+    def attempt(path: str) -> torch.Tensor | DataError:
+        try:
+            return data.decode(path, resize_size)
+        except DataError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = deque(pool.submit(attempt, p) for p in paths[:window])
+        for i, path in enumerate(paths):
+            image = pending.popleft().result()
+            if i + window < len(paths):
+                pending.append(pool.submit(attempt, paths[i + window]))
+            yield path, image
 
 
 def write(results: list[dict], fmt: str, out) -> None:

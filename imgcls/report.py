@@ -8,12 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from imgcls.checkpoint import atomic_write  # noqa: E402
+from imgcls.checkpoint import atomic_write
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -30,9 +25,19 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def _pyplot():
+    """matplotlib, imported on first plot: it costs ~0.5 s that predict and evaluate never need."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_curves(path: Path, history: list[dict[str, float]], best_epoch: int) -> None:
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = _pyplot().subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
         ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="val")
@@ -49,7 +54,7 @@ def plot_curves(path: Path, history: list[dict[str, float]], best_epoch: int) ->
 def plot_confusion(path: Path, matrix: list[list[int]], classes: list[str], title: str) -> None:
     n = len(classes)
     size = max(4.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig, ax = _pyplot().subplots(figsize=(size + 1, size))
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
@@ -69,7 +74,7 @@ def plot_confusion(path: Path, matrix: list[list[int]], classes: list[str], titl
 def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write(path, buf.getvalue())
 
 

@@ -98,3 +98,27 @@ def test_predict_over_a_hostile_folder_classifies_the_good_and_names_each_bad(tm
         assert any(f"error: {os.path.join('inbox', name)}: " in line and reason in line for line in errors), (name, err)
     assert not marker.exists(), "Ghostscript was started"
     assert time.monotonic() - begun < 240
+
+
+def test_decode_ahead_keeps_order_errors_and_its_window(monkeypatch):
+    """The decoding thread yields each path's image or error in input order, and never runs more
+    than `window` files ahead of what the model has taken (a large folder stays bounded in memory)."""
+    from imgcls import predict
+
+    started = []
+
+    def fake_decode(path: str, resize_size: int):
+        started.append(path)
+        if path.startswith("bad"):
+            raise DataError(f"{path}: unreadable")
+        return path
+
+    monkeypatch.setattr(data, "decode", fake_decode)
+    paths = [f"{'bad' if i % 5 == 3 else 'ok'}{i}" for i in range(40)]
+    window = 4
+    seen = []
+    for taken, (path, image) in enumerate(predict._decoded_ahead(paths, 8, window), start=1):
+        time.sleep(0.002)  # let the thread run ahead as far as it may
+        assert len(started) <= taken + window
+        seen.append((path, str(image) if isinstance(image, DataError) else image))
+    assert seen == [(p, f"{p}: unreadable" if p.startswith("bad") else p) for p in paths]
