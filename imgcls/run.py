@@ -52,12 +52,17 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
     # decoded or file written. Decoding draws no randomness, so the order leaves the bits alone.
     model = build(exp, len(data.scan_classes(exp.data.train_dir)), device)
     dataset = data.prepare(exp.data, progress)  # the preflight: every image decoded and checked once
+    loaders = build_loaders(exp, dataset)
+    # Which path augments each split changes the bits (its draws differ), so the run records it.
+    dataset.report["transforms"] = {
+        name: "batched" if isinstance(loader.dataset.transform, data.BatchAugment) else "per_image"
+        for name, loader in loaders.items()
+    }
     print_preflight(dataset.report)
     report.write_json(run_dir / "preflight.json", dataset.report)
     ckpt_io.atomic_write(run_dir / "config.toml", config.to_toml(exp))
     report.write_json(run_dir / "env.json", environment())
 
-    loaders = build_loaders(exp, dataset)
     optimizer = train.build_optimizer(exp.optimizer, model.parameters())
     schedule = train.build_scheduler(exp.scheduler, optimizer, exp.train.epochs, len(loaders["train"]))
     monitor = train.build_monitor(exp)
@@ -175,12 +180,12 @@ def input_preparer(exp: config.Experiment, device: torch.device) -> Callable[[to
 
 
 def build_loaders(exp: config.Experiment, dataset: data.Data) -> dict[str, Any]:
-    train_tf = data.build_augment(exp.augment, exp.data.image_size)
-    eval_tf = data.eval_transform(exp.data.image_size)
     loaders = {}
     for split_name, split in dataset.splits.items():
         is_train = split_name == "train"
-        images = data.ImageSet(split, dataset.images[split_name], train_tf if is_train else eval_tf, exp.seed)
+        ops = exp.augment if is_train else []  # evaluation: the centre crop alone
+        transform = data.split_transform(ops, exp.data.image_size, dataset.images[split_name])
+        images = data.ImageSet(split, dataset.images[split_name], transform, exp.seed)
         batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
         loaders[split_name] = data.make_loader(images, batch, is_train, exp.data.num_workers, exp.seed)
     return loaders
@@ -401,7 +406,12 @@ def print_preflight(rep: dict[str, Any]) -> None:
     lines = [f"classes ({len(rep['classes'])}): {', '.join(rep['classes'])}"]
     for name, split in rep["splits"].items():
         skipped = sum(split["skipped_files"].values())
-        lines.append(f"{name}: {split['images']} images" + (f", {skipped} non-image files skipped" if skipped else ""))
+        how = rep.get("transforms", {}).get(name)
+        lines.append(
+            f"{name}: {split['images']} images"
+            + (f", {skipped} non-image files skipped" if skipped else "")
+            + (f", {how.replace('_', '-')} transforms" if how else "")
+        )
     lines += [f"skipped unreadable: {b}" for b in rep["bad_images"]]
     lines += [f"warning: {w}" for w in rep["warnings"]]
     print("\n".join(lines), file=sys.stderr)

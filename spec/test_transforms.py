@@ -177,3 +177,112 @@ def test_schema_accepts_the_pipelines_at_the_limit(args):
     d, ops, label, epoch = args
     experiment(d, ops)
     check_augment_keeps_shape_dtype_label(data.build_augment, d, ops, label, epoch)
+
+
+# --------------------------------------------------------------------------------- batched
+
+BATCHED_FIELDS = {cls: fields for cls, fields in RUNNABLE_AUGMENT_FIELDS.items() if issubclass(cls, data.BATCHED_OPS)}
+batched_pipelines = st.tuples(
+    decoded(), st.lists(augment_ops(BATCHED_FIELDS), max_size=3), st.integers(0, 9), st.integers(1, 50)
+)
+
+
+@given(batched_pipelines)
+def test_batched_augmentation_keeps_shape_dtype_and_label(args):
+    """The batched path (random_crop, flips on a stacked batch) keeps shape, dtype and label too."""
+    check_augment_keeps_shape_dtype_label(data.BatchAugment, *args)
+
+
+def check_batch_is_each_image_alone(augment, d: dict, ops: list[dict], epoch: int, n: int) -> None:
+    """A sample augmented within a batch equals the same sample augmented alone: its draws depend on
+    (seed, epoch, index), never on the batch it shares or its place in it."""
+    try:
+        exp = experiment(d, ops)
+    except ConfigError:
+        return
+    images = [decoded_image(d["resize_size"], d["longer"], d["portrait"], d["seed"] + i) for i in range(n)]
+    items = image_set(images, list(range(n)), augment(tuple(exp.augment), d["image_size"]), d["seed"])
+    keys = [(epoch, i) for i in reversed(range(n))]
+    for (together, label), key in zip(items.__getitems__(keys), keys):
+        alone, alone_label = items[key]
+        assert torch.equal(together, alone) and label == alone_label, key
+
+
+batches = st.tuples(decoded(), st.lists(augment_ops(BATCHED_FIELDS), min_size=1, max_size=3), st.integers(0, 9), st.integers(2, 6))
+
+
+@given(batches)
+def test_a_batched_sample_does_not_depend_on_its_batch(args):
+    check_batch_is_each_image_alone(data.BatchAugment, *args)
+
+
+def test_batch_check_catches_draws_keyed_by_place_in_batch():
+    """Broken variant: each sample's draws keyed by its position in the batch instead of its index."""
+
+    class ByPosition(data.BatchAugment):
+        def __call__(self, images, seed, epoch, indices):
+            return super().__call__(images, seed, epoch, list(range(len(indices))))
+
+    falsify(lambda args: check_batch_is_each_image_alone(ByPosition, *args), batches)
+
+
+def check_crop_is_a_window(crop, padding: int, mode: str, size: int, extra: int, seed: int) -> None:
+    """Each output of random_crop is one size x size window of the padded image, as torchvision pads it."""
+    from torchvision.transforms import v2
+
+    image = torch.randint(0, 256, (3, size + extra, size + extra), dtype=torch.uint8, generator=generator(seed))
+    op = C.RandomCrop(op="random_crop", padding=padding, padding_mode=mode)
+    outs = crop(image.expand(8, -1, -1, -1), op, size, *(data.sample_uniforms(seed, 1, list(range(8)), s) for s in (1, 2)))
+    padded = v2.functional.pad(image, [padding], padding_mode=mode) if padding else image
+    windows = padded.unfold(1, size, 1).unfold(2, size, 1)  # (3, rows, cols, size, size)
+    for out in outs:
+        hits = (windows == out[:, None, None]).flatten(3).all(-1).all(0)
+        assert hits.any(), "not a window of the padded image"
+
+
+crops = st.tuples(
+    st.integers(0, 4), st.sampled_from(["constant", "edge", "reflect", "symmetric"]), st.integers(4, 12), st.integers(0, 4), seeds
+)
+
+
+@given(crops)
+def test_batched_random_crop_takes_windows_of_the_padded_image(args):
+    check_crop_is_a_window(data._random_crops, *args)
+
+
+def test_window_check_catches_a_resize_instead_of_a_crop():
+    """Broken variant: the padded image squeezed to size (a resize) instead of cropped."""
+    from torchvision.transforms import v2
+
+    def squeeze(images, op, size, u_top, u_left):
+        padded = v2.functional.pad(images, [op.padding], padding_mode=op.padding_mode) if op.padding else images
+        return v2.functional.resize(padded, [size, size], antialias=True)
+
+    falsify(lambda args: check_crop_is_a_window(squeeze, *args), crops)
+
+
+def check_flip_rate(augment, p: float, seed: int) -> None:
+    """horizontal_flip flips each image with probability p: the count over 2,000 indices lies within
+    6 standard deviations of 2,000 p (exactly 0 or 2,000 when p is 0 or 1)."""
+    n = 2000
+    image = torch.arange(3 * 4 * 4, dtype=torch.uint8).view(1, 3, 4, 4).expand(n, -1, -1, -1)
+    out = augment((C.HorizontalFlip(op="horizontal_flip", p=p),), 4)(image, seed, 1, list(range(n)))
+    flipped = int((out != image).flatten(1).any(1).sum())
+    assert abs(flipped - n * p) <= 6 * (n * p * (1 - p)) ** 0.5, (flipped, p)
+
+
+flip_rates = st.tuples(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]) | st.floats(0, 1), seeds)
+
+
+@given(flip_rates)
+def test_batched_flip_happens_at_rate_p(args):
+    check_flip_rate(data.BatchAugment, *args)
+
+
+def test_flip_rate_check_catches_a_flip_that_ignores_p():
+    class HalfTheTime(data.BatchAugment):
+        def __call__(self, images, seed, epoch, indices):
+            ops = tuple(op.model_copy(update={"p": 0.5}) for op in self.ops)
+            return data.BatchAugment(ops, self.image_size)(images, seed, epoch, indices)
+
+    falsify(lambda args: check_flip_rate(HalfTheTime, *args), flip_rates)

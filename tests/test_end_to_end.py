@@ -136,3 +136,12 @@ def test_dry_run_reads_no_images(tmp_path):
     assert result.returncode == 0, result.stderr
     assert config.loads(result.stdout).name == "tiny"
     assert not (tmp_path / "runs").exists()
+
+
+def test_preflight_records_which_path_transforms_each_split(finished_run):
+    """The tiny experiment's random_crop + flip on equal-sized images take the batched path, for
+    training and evaluation alike; it is recorded, since the path changes the bits."""
+    _, _, run_dir, result = finished_run
+    preflight = json.loads((run_dir / "preflight.json").read_text())
+    assert preflight["transforms"] == {"train": "batched", "val": "batched", "test": "batched"}
+    assert "train: 36 images, batched transforms" in result.stderr
