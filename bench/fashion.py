@@ -25,6 +25,10 @@ CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", 
 TARGET = 0.925  # the data set's own table: 2 conv + pooling 91.6%, + BatchNorm 93.4%
 BUDGET_S = 600
 
+# Flip only, light dropout: in ten epochs the earlier recipe (random_crop padding 2 + flip, dropout
+# 0.2, batch 128) underfit (train 92.4% = val 92.4% at epoch 10, test 91.72%). Equal-sized images
+# with flip-only augmentation take imgcls's batched path (0.017 vs 0.19 ms an image for loading),
+# and batch 256 steps faster per image: an epoch is ~34 s instead of ~52, so twelve fit the budget.
 EXPERIMENT = """
 name = "fashion_mnist"
 seed = 0
@@ -36,13 +40,9 @@ val_dir = "{root}/val"
 test_dir = "{root}/test"
 image_size = 28
 resize_size = 28
-batch_size = 128
+batch_size = 256
 eval_batch_size = 1000
 normalize = {{ mean = [0.286, 0.286, 0.286], std = [0.353, 0.353, 0.353] }}
-
-[[augment]]
-op = "random_crop"
-padding = 2
 
 [[augment]]
 op = "horizontal_flip"
@@ -51,7 +51,7 @@ op = "horizontal_flip"
 arch = "scratch_cnn"
 channels = [32, 64, 128]
 hidden = 256
-dropout = 0.2
+dropout = 0.1
 batch_norm = true
 
 [optimizer]
@@ -60,7 +60,7 @@ weight_decay = 0.05
 
 [scheduler]
 name = "onecycle"
-max_lr = 0.004
+max_lr = 0.005
 
 [train]
 epochs = {epochs}
@@ -109,7 +109,7 @@ def image_folder() -> Path:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    epochs = 2 if quick else 10
+    epochs = 2 if quick else 12
     root = image_folder()
     runs = CACHE / "runs"
     shutil.rmtree(runs / "fashion_mnist", ignore_errors=True)

@@ -182,4 +182,36 @@ def g5(quick: bool, rounds: int) -> dict[str, Any]:
         "resnet18_train_gflop_per_image": round(flops / 1e9, 3),
         "resnet18_train_img_per_s": round(figures["resnet18_train"]["median"] * 1e9 / flops, 2),
         "roof_conv": f"3x3 conv 128->128 on ({BATCH}, 128, 56, 56), channels_last fp32, forward",
+        "step_breakdown": step_breakdown(model, optimizer, x, y, flops * BATCH),
+    }
+
+
+# torch profiler op names -> the parts of a training step the breakdown reports.
+PARTS = {
+    "conv forward": ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution"),
+    "conv backward": ("aten::convolution_backward", "aten::mkldnn_convolution_backward"),
+    "batch norm": ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::_batch_norm_impl_index"),
+}
+
+
+def step_breakdown(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, step_flops: float) -> dict[str, Any]:
+    """Where one bare training step's time goes (torch profiler, self CPU time), and the GFLOP/s of
+    the convolutions alone: forward FLOPs are a third of the step's, backward two thirds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    seconds = {part: sum(self_us.get(op, 0) for op in ops) / 2e6 for part, ops in PARTS.items()}
+    seconds["everything else"] = total / 2e6 - sum(seconds.values())
+    return {
+        "share_of_step": {part: round(s * 2e6 / total, 3) for part, s in seconds.items()},
+        "conv_forward_gflop_per_s": round(step_flops / 3 / seconds["conv forward"] / 1e9, 1),
+        "conv_backward_gflop_per_s": round(step_flops * 2 / 3 / seconds["conv backward"] / 1e9, 1),
+        "note": "profiler self time; the conv shares include oneDNN's layout reorders inside those ops",
     }

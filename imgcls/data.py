@@ -2,7 +2,8 @@
 
 Each image is decoded once, upright and RGB, with its shorter side resized to `resize_size`
 (torchvision's Resize(256) convention), and kept as a uint8 tensor. Augmentations then run on
-those tensors (transforms v2). A sample's augmentation randomness is a pure function of
+those tensors: per image with transforms v2, or, for crops and flips of equal-sized images, on
+the whole stacked batch at once. A sample's augmentation randomness is a pure function of
 (seed, epoch, index), so worker count, caching and prefetching cannot change a run's bits.
 """
 
