@@ -77,48 +77,35 @@ def at_optimizer_step(n: int):
     return install
 
 
-def before_checkpoint(name: str, epoch: int):
-    """Crash as the checkpoint `name` of `epoch` is about to be saved."""
+def crash_before(module, attr: str, when, what: str):
+    """Crash as `module.attr` is called with arguments for which `when(*args)` holds."""
 
     def install(mp):
-        real = ckpt_io.save
+        real = getattr(module, attr)
 
-        def save(path, ckpt):
-            if Path(path).name == name and ckpt.meta["epoch"] == epoch:
-                raise Crash(f"before {name} of epoch {epoch}")
-            return real(path, ckpt)
+        def wrapper(*args):
+            if when(*args):
+                raise Crash(f"before {what}")
+            return real(*args)
 
-        mp.setattr(ckpt_io, "save", save)
+        mp.setattr(module, attr, wrapper)
 
     return install
+
+
+def before_checkpoint(name: str, epoch: int):
+    """Crash as the checkpoint `name` of `epoch` is about to be saved."""
+    return crash_before(
+        ckpt_io, "save", lambda path, ckpt: Path(path).name == name and ckpt.meta["epoch"] == epoch, f"{name} of epoch {epoch}"
+    )
 
 
 def before_history_with(rows: int):
-    def install(mp):
-        real = report.write_history
-
-        def write_history(path, history):
-            if len(history) == rows:
-                raise Crash(f"before history.csv with {rows} rows")
-            return real(path, history)
-
-        mp.setattr(report, "write_history", write_history)
-
-    return install
+    return crash_before(report, "write_history", lambda path, history: len(history) == rows, f"history.csv with {rows} rows")
 
 
 def before_result(name: str):
-    def install(mp):
-        real = report.write_json
-
-        def write_json(path, content):
-            if Path(path).name == name:
-                raise Crash(f"before {name}")
-            return real(path, content)
-
-        mp.setattr(report, "write_json", write_json)
-
-    return install
+    return crash_before(report, "write_json", lambda path, content: Path(path).name == name, name)
 
 
 def crash_run(data_dir: Path, name: str, resume: bool, where, **overrides) -> None:
