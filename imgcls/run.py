@@ -387,7 +387,7 @@ def split_logits(loaded: Loaded, split: str) -> tuple[list[str], torch.Tensor, t
     decoded, failures = data.decode_split(images, exp.data.resize_size, progress=False)
     for f in failures:
         print(f"skipped: {f}", file=sys.stderr)
-    dataset = data.ImageSet(images, decoded, data.eval_transform(exp.data.image_size), exp.seed)
+    dataset = data.ImageSet(images, decoded, data.split_transform([], exp.data.image_size, decoded), exp.seed)
     loader = data.make_loader(dataset, exp.data.eval_batch_size, False, 0, exp.seed)
     logits, labels = evaluate.predict_logits(loaded.model, loader, loaded.prepare_input, loaded.device, exp.train.precision)
     return images.paths, logits, labels
