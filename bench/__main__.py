@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 3)
     if rounds < 2:
         parser.error("--rounds must be at least 2: one round cannot show the noise")
-    from imgcls.train import configure_allocator
+    from imgcls.runtime import configure_allocator
 
     configure_allocator("retain")  # imgcls's default, and the same for both sides of every comparison
     results: dict = {"machine": machine(), "quick": args.quick, "rounds": rounds}

@@ -15,7 +15,7 @@ from bench.common import PYTHON, ROOT, env_for_subprocess, interleaved, ratio
 
 
 def worker(choice: str, steps: int) -> float:
-    from imgcls.train import configure_allocator
+    from imgcls.runtime import configure_allocator
 
     configure_allocator(choice)  # first, as imgcls.run does, before any large block exists
     import torch

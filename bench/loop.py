@@ -1,7 +1,7 @@
 """G1 (loop efficiency), G5 (compute efficiency): imgcls's own loop against the bare model.
 
-imgcls side: the real pipeline (data.prepare, run.build, run.build_loaders, train.train_one_epoch,
-evaluate.predict_logits) on generated JPEGs. Bare side: the same model's forward, backward and
+imgcls side: the real pipeline (data.prepare, models.build, data.build_loaders, train.train_one_epoch,
+evaluate.logits_of) on generated JPEGs. Bare side: the same model's forward, backward and
 step over one fixed tensor of the same shape, dtype and memory format, so the ratio is what the
 loop, the data path and the bookkeeping cost on top of the model itself.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bench.common import generated_folder, interleaved, ratio
-from imgcls import config, data, evaluate, run, train
+from imgcls import config, data, evaluate, models, runtime, train
 
 # (name, model section, image side, generated JPEG size): the two models the targets name.
 MODELS = {
@@ -52,15 +52,14 @@ class Contest:
         self.device = torch.device("cpu")
         torch.manual_seed(0)
         self.dataset = data.prepare(exp.data, progress=False)
-        self.model = run.build(exp, 4, self.device)
-        self.loaders = run.build_loaders(exp, self.dataset)
-        self.optimizer = train.build_optimizer(exp.optimizer, self.model.parameters())
-        self.schedule = train.build_scheduler(exp.scheduler, self.optimizer, 100, len(self.loaders["train"]))
-        self.prepare_input = run.input_preparer(exp, self.device)
+        self.model = models.build(exp.model, 4, self.device, exp.train.channels_last)
+        self.loaders = data.build_loaders(exp, self.dataset)
+        self.opt = train.build_optimization(exp, self.model, len(self.loaders["train"]))
+        self.feed = train.Feed(self.model, data.inputs(exp, self.device), self.loaders, feature_cache=False)
         self.loss_fn = nn.CrossEntropyLoss()
         self.epoch = 0
         fmt = torch.channels_last if exp.train.channels_last else torch.contiguous_format
-        self.bare = run.build(exp, 4, self.device)
+        self.bare = models.build(exp.model, 4, self.device, exp.train.channels_last)
         self.bare_optimizer = train.build_optimizer(exp.optimizer, self.bare.parameters())
         self.x = torch.randn(BATCH, 3, size, size).to(memory_format=fmt)
         self.y = torch.randint(0, 4, (BATCH,))
@@ -70,10 +69,7 @@ class Contest:
 
     def imgcls_epoch(self) -> float:
         self.epoch += 1
-        seconds, _ = _timed(lambda: train.train_one_epoch(
-            self.model, self.loaders["train"], self.prepare_input, self.loss_fn, self.optimizer, self.schedule,
-            self.device, self.exp.train.precision, self.epoch, progress=False,
-        ))
+        seconds, _ = _timed(lambda: train.train_one_epoch(self.feed, self.opt, self.epoch, progress=False))
         return self.n_train / seconds
 
     def bare_train(self) -> float:
@@ -81,7 +77,7 @@ class Contest:
         self.bare.train()
         start = time.perf_counter()
         for _ in range(steps):
-            with train.autocast(self.device, self.exp.train.precision):
+            with runtime.autocast(self.device, self.exp.train.precision):
                 logits = self.bare(self.x)
             loss = self.loss_fn(logits.float(), self.y)
             self.bare_optimizer.zero_grad(set_to_none=True)
@@ -90,16 +86,14 @@ class Contest:
         return steps * BATCH / (time.perf_counter() - start)
 
     def imgcls_eval(self) -> float:
-        seconds, _ = _timed(lambda: evaluate.predict_logits(
-            self.model, self.loaders["val"], self.prepare_input, self.device, self.exp.train.precision
-        ))
+        seconds, _ = _timed(lambda: evaluate.logits_of(self.model, self.loaders["val"], self.feed.inputs))
         return self.n_val / seconds
 
     def bare_eval(self) -> float:
         self.bare.eval()
         batches = -(-self.n_val // EVAL_BATCH)
         start = time.perf_counter()
-        with torch.inference_mode(), train.autocast(self.device, self.exp.train.precision):
+        with torch.inference_mode(), runtime.autocast(self.device, self.exp.train.precision):
             for _ in range(batches):
                 self.bare(self.x_eval).float()
         return batches * EVAL_BATCH / (time.perf_counter() - start)
@@ -148,7 +142,7 @@ def resnet18_train_flops(size: int = 224) -> float:
 def g5(quick: bool, rounds: int) -> dict[str, Any]:
     """Bare ResNet18@224 fp32 training against the conv roof: a big 3x3 conv's GFLOP/s, same run."""
     flops = resnet18_train_flops()
-    model = run.build(experiment(MODELS["resnet18@224"][0], 224, "fp32", "unused"), 1000, torch.device("cpu"))
+    model = models.build(experiment(MODELS["resnet18@224"][0], 224, "fp32", "unused").model, 1000, torch.device("cpu"), True)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     x = torch.randn(BATCH, 3, 224, 224).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (BATCH,))

@@ -10,7 +10,8 @@ import torch
 
 from bench.common import CACHE, PYTHON, ROOT, env_for_subprocess, generated_folder, interleaved, ratio
 from bench.loop import MODELS, experiment
-from imgcls import config, data, predict, run, train
+from imgcls import config, data, evaluate, models, predict, train
+from imgcls.rundir import RunDir
 
 
 def _checkpoint(name: str, root) -> tuple[str, str]:
@@ -19,9 +20,9 @@ def _checkpoint(name: str, root) -> tuple[str, str]:
     exp = experiment(model_cfg, size, "fp32", root).model_copy(update={"name": f"g4_{name.split('@')[0]}"})
     exp_path = CACHE / f"{exp.name}.toml"
     exp_path.write_text(config.to_toml(exp))
-    model = run.build(exp, 4, torch.device("cpu"))
+    model = models.build(exp.model, 4, torch.device("cpu"), exp.train.channels_last)
     ckpt_path = CACHE / f"{exp.name}.safetensors"
-    run.save(ckpt_path, exp, model, [f"class{c}" for c in range(4)], train.LoopState())
+    RunDir(CACHE, exp, [f"class{c}" for c in range(4)]).save(ckpt_path.name, model, train.LoopState(train.Monitor("min")))
     return str(exp_path), str(ckpt_path)
 
 
@@ -29,12 +30,12 @@ def folder(name: str, quick: bool, rounds: int) -> dict[str, Any]:
     n = 64 if quick else 256
     root = generated_folder(f"{name.replace('@', '_')}_predict_{n}", 4, {"train": 1, "val": n // 4}, MODELS[name][2])
     exp_path, ckpt_path = _checkpoint(name, root)
-    loaded = run.load_for_inference(exp_path, ckpt_path)
+    loaded = evaluate.load_for_inference(exp_path, ckpt_path)
     paths = predict.expand([f"{root}/val"])
     transform = data.eval_transform(loaded.exp.data.image_size)
     batch = loaded.exp.data.eval_batch_size
     crops = [transform(data.decode(p, loaded.exp.data.resize_size)) for p in paths]
-    ready = [loaded.prepare_input(torch.stack(crops[i : i + batch])) for i in range(0, len(crops), batch)]
+    ready = [loaded.inputs.prepare(torch.stack(crops[i : i + batch])) for i in range(0, len(crops), batch)]
 
     def imgcls_predict() -> float:
         start = time.perf_counter()

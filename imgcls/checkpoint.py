@@ -22,18 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from imgcls.errors import CheckpointError, UserError
+from imgcls import config
+from imgcls.errors import CheckpointError, NonFiniteWeights, WriteError
 
 FORMAT = "imgcls-checkpoint/1"
 TEMP_PREFIX = ".tmp-"
-
-
-class NonFiniteWeights(CheckpointError):
-    pass
-
-
-class WriteError(UserError):
-    pass
 
 
 @dataclass
@@ -46,6 +39,10 @@ class Checkpoint:
     @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
+
+    def experiment(self, path: str | Path) -> config.Experiment:
+        """The resolved experiment the weights were trained with, as the run stored it."""
+        return config.loads(self.meta["experiment"], f"{path} (stored experiment)")
 
 
 def save(path: str | Path, ckpt: Checkpoint) -> None:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, guarded
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Range = Annotated[list[float], Field(min_length=2, max_length=2)]
@@ -484,6 +484,47 @@ def path_problems(exp: Experiment) -> list[str]:
     return problems
 
 
+# ------------------------------------------------------------------------ comparing experiments
+
+# Keys that cannot change a run's numbers, so a resume may change them: workers only move work
+# around (augmentation is keyed by sample), and the root only says where the run directory lives.
+RESULT_NEUTRAL = frozenset({"data.num_workers", "output.root"})
+
+
+# Keys that decide what a trained model answers for an image: the network, the eval preprocessing
+# and the numeric path. Inference takes them from the checkpoint and refuses an experiment that differs.
+PREDICTION_KEYS = ("model", "data.image_size", "data.resize_size", "data.normalize", "train.precision", "train.channels_last")
+
+
+def changes_predictions(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in PREDICTION_KEYS)
+
+
+def changed_keys(before: Experiment, after: Experiment) -> list[str]:
+    """Key paths whose values differ, in schema order (a key absent on one side counts)."""
+    return differing_keys(before.model_dump(mode="json"), after.model_dump(mode="json"))
+
+
+def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = list(dict.fromkeys([*a, *b]))
+        return [k for key in keys for k in differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def describe_changes(before: Experiment, after: Experiment, keys: list[str], names: tuple[str, str]) -> str:
+    """One line per differing key path: `  - model.channels: [8, 16] (run) vs [8, 32] (now)`."""
+    a, b = before.model_dump(mode="json"), after.model_dump(mode="json")
+
+    def value(tree: Any, key: str) -> str:
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        text = "absent" if tree is None else json.dumps(tree)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return "\n".join(f"  - {k}: {value(a, k)} ({names[0]}) vs {value(b, k)} ({names[1]})" for k in keys)
+
+
 # ------------------------------------------------------------------------- readable error messages
 
 
@@ -645,12 +686,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m imgcls.config EXPERIMENT.toml | --reference", file=sys.stderr)
         return 2
-    try:
+
+    def go() -> int:
         print(to_toml(load(argv[0])), end="")
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return guarded(go)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from typing_extensions import assert_never
 
 from imgcls import config as C
+from imgcls import runtime
 from imgcls.errors import DataError
 
 # torchvision's ImageFolder extensions.
@@ -331,6 +332,12 @@ def normalization(cfg: C.DataConfig) -> tuple[list[float], list[float]]:
             assert_never(cfg.normalize)
 
 
+def inputs(exp: C.Experiment, device: torch.device) -> runtime.Inputs:
+    """uint8 image batches -> normalised float batches on the device, under the experiment's precision."""
+    mean, std = normalization(exp.data)
+    return runtime.Inputs(Normalize(mean, std, exp.train.channels_last).to(device), device, exp.train.precision)
+
+
 class Normalize(torch.nn.Module):
     """uint8 batch (N, 3, H, W) -> float batch scaled to [0, 1] then standardised per channel.
 
@@ -461,9 +468,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
 def make_loader(dataset: ImageSet, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
     if num_workers > 0:
-        # Workers hand batches over as named shared-memory files, not file descriptors: passing fds
-        # needs a handshake that prints tracebacks from every worker when Ctrl-C or a kill ends the run.
-        torch.multiprocessing.set_sharing_strategy("file_system")
+        runtime.share_batches_by_file()
     return DataLoader(
         dataset,
         batch_sampler=EpochBatches(len(dataset), batch_size, shuffle, seed),
@@ -472,6 +477,26 @@ def make_loader(dataset: ImageSet, batch_size: int, shuffle: bool, num_workers: 
         persistent_workers=num_workers > 0,
         pin_memory=False,
     )
+
+
+def build_loaders(exp: C.Experiment, dataset: Data) -> dict[str, DataLoader]:
+    """One loader per split: train shuffled and augmented, val/test in file order, centre crop only."""
+    return {name: split_loader(exp, split, dataset.images[name]) for name, split in dataset.splits.items()}
+
+
+def split_loader(exp: C.Experiment, split: Split, images: list[torch.Tensor]) -> DataLoader:
+    is_train = split.name == "train"
+    transform = split_transform(exp.augment if is_train else [], exp.data.image_size, images)
+    batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
+    return make_loader(ImageSet(split, images, transform, exp.seed), batch, is_train, exp.data.num_workers, exp.seed)
+
+
+def transform_paths(loaders: dict[str, DataLoader]) -> dict[str, str]:
+    """Which path augments each split: it changes the bits (the two draw differently), so runs record it."""
+    return {
+        name: "batched" if isinstance(loader.dataset.transform, BatchAugment) else "per_image"
+        for name, loader in loaders.items()
+    }
 
 
 # ------------------------------------------------------------------------------------- preflight

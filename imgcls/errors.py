@@ -1,9 +1,14 @@
 """Errors meant for the person who wrote the experiment or owns the folder, not for a traceback.
 
-Every command catches UserError, prints it and exits with status 2; anything else is a bug.
+Every command runs inside `guarded`, which prints a UserError and exits with status 2; anything
+else is a bug. Imports the standard library only, so the schema can use it without torch.
 """
 
 from __future__ import annotations
+
+import signal
+import sys
+from typing import Callable
 
 
 class UserError(Exception):
@@ -25,3 +30,44 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+class NonFiniteWeights(CheckpointError):
+    pass
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class WriteError(UserError):
+    pass
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so `finally` blocks run as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def guarded(fn: Callable[[], int], on_interrupt: str = "") -> int:
+    """Run a command: user errors print one clear message (no traceback) and exit 2.
+
+    Ctrl-C exits 130 and SIGTERM 143 (the shell's 128 + signal), after saying what was kept.
+    """
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted{'; ' + on_interrupt if on_interrupt else ''}", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"terminated{'; ' + on_interrupt if on_interrupt else ''}", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)

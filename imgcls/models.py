@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from typing_extensions import assert_never
 
+from imgcls import checkpoint
 from imgcls import config as C
 from imgcls.errors import CheckpointError, ConfigError
 
@@ -92,6 +93,17 @@ def build_model(cfg: C.Model, num_classes: int) -> Classifier:
             assert_never(cfg)
 
 
+def build(cfg: C.Model, num_classes: int, device: torch.device, channels_last: bool) -> Classifier:
+    """The model on its device and in its memory format."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return build_model(cfg, num_classes).to(device=device, memory_format=memory_format)
+
+
+def untrained(cfg: C.Model) -> C.Model:
+    """The same architecture with no weights to load: a checkpoint's weights replace them anyway."""
+    return cfg.model_copy(update={"weights": "none"}) if isinstance(cfg, C.ResNet18) else cfg
+
+
 # ------------------------------------------------------------------------------------- weights
 
 
@@ -117,8 +129,6 @@ def imagenet_resnet18_state() -> dict[str, torch.Tensor]:
 
 def _load_backbone_file(backbone: nn.Module, path: str) -> None:
     """A torchvision-style state dict (.pth via weights_only, or .safetensors), or an imgcls checkpoint."""
-    from imgcls import checkpoint
-
     state = checkpoint.read_weights(path)
     if any(k.startswith("backbone.") for k in state):  # an imgcls checkpoint: keep the backbone, drop its head
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}

@@ -20,8 +20,8 @@ from typing import Iterator
 
 import torch
 
-from imgcls import data
-from imgcls.errors import DataError
+from imgcls import data, evaluate
+from imgcls.errors import DataError, guarded
 
 
 def expand(inputs: list[str]) -> list[str]:
@@ -35,9 +35,9 @@ def expand(inputs: list[str]) -> list[str]:
     return paths
 
 
-def classify(loaded, paths: list[str], top_k: int) -> tuple[list[dict], list[str]]:
+def classify(trained: evaluate.Trained, paths: list[str], top_k: int) -> tuple[list[dict], list[str]]:
     """Top-k (class, probability) per readable image, in batches of eval_batch_size; and the errors."""
-    exp = loaded.exp
+    exp = trained.exp
     transform = data.eval_transform(exp.data.image_size)
     results, errors = [], []
     batch_paths, batch = [], []
@@ -45,13 +45,12 @@ def classify(loaded, paths: list[str], top_k: int) -> tuple[list[dict], list[str
     def flush() -> None:
         if not batch:
             return
-        with torch.inference_mode():
-            logits = loaded.model(loaded.prepare_input(torch.stack(batch))).float().cpu()
+        logits = evaluate.forward(trained.model, torch.stack(batch), trained.inputs)
         probs = logits.softmax(1)
         # Rank by logits, as evaluation's argmax does: logits 1e-10 apart have equal float32 probabilities.
         top = logits.topk(min(top_k, probs.shape[1]), dim=1).indices
         for path, p, indices in zip(batch_paths, probs, top):
-            results.append({"path": path, "top": [{"class": loaded.classes[i], "probability": float(p[i])} for i in indices]})
+            results.append({"path": path, "top": [{"class": trained.classes[i], "probability": float(p[i])} for i in indices]})
         batch_paths.clear()
         batch.clear()
 
@@ -117,11 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
-    from imgcls.run import guarded, load_for_inference
 
     def go() -> int:
-        loaded = load_for_inference(args.experiment, args.checkpoint)
-        results, errors = classify(loaded, expand(args.images), args.top_k)
+        trained = evaluate.load_for_inference(args.experiment, args.checkpoint)
+        results, errors = classify(trained, expand(args.images), args.top_k)
         write(results, args.format or "text", sys.stdout)
         for e in errors:
             print(f"error: {e}", file=sys.stderr)

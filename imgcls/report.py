@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,19 @@ def summary_line(epoch: int, epochs: int, row: dict[str, float], is_best: bool) 
         f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  lr {row['lr']:.2e}  "
         f"{row['seconds']:.1f}s{'  *best' if is_best else ''}"
     )
+
+
+def print_preflight(rep: dict[str, Any]) -> None:
+    """What the preflight found, before the first epoch: classes, split sizes, skipped files, warnings."""
+    lines = [f"classes ({len(rep['classes'])}): {', '.join(rep['classes'])}"]
+    for name, split in rep["splits"].items():
+        skipped = sum(split["skipped_files"].values())
+        how = rep.get("transforms", {}).get(name)
+        lines.append(
+            f"{name}: {split['images']} images"
+            + (f", {skipped} non-image files skipped" if skipped else "")
+            + (f", {how.replace('_', '-')} transforms" if how else "")
+        )
+    lines += [f"skipped unreadable: {b}" for b in rep["bad_images"]]
+    lines += [f"warning: {w}" for w in rep["warnings"]]
+    print("\n".join(lines), file=sys.stderr)

@@ -7,27 +7,23 @@ killed run resumes at the next epoch with exactly the bits it would have had.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from typing_extensions import assert_never
 
 from imgcls import config as C
-from imgcls.errors import ConfigError, UserError
+from imgcls import data, models, runtime
+from imgcls.errors import ConfigError, NonFiniteLoss
 
 
-class NonFiniteLoss(UserError):
-    pass
-
-
-def build_optimizer(cfg: C.Optimizer, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: C.Optimizer, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     match cfg:
         case C.Adam():
@@ -51,7 +47,7 @@ class Schedule:
     monitor: str | None = None  # plateau: the metric passed to step()
 
 
-def build_scheduler(cfg: C.Scheduler, optimizer, epochs: int, steps_per_epoch: int) -> Schedule:
+def build_scheduler(cfg: C.Scheduler, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Schedule:
     match cfg:
         case C.NoScheduler():
             return Schedule(lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), per_batch=False)
@@ -85,33 +81,19 @@ def build_scheduler(cfg: C.Scheduler, optimizer, epochs: int, steps_per_epoch: i
             assert_never(cfg)
 
 
-# ------------------------------------------------------------------------------------- allocator
+@dataclass
+class Optimization:
+    """What one optimizer step needs besides the batch: the loss, the optimizer and its schedule."""
 
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
 
 
-def configure_allocator(choice: Literal["retain", "system"]) -> bool:
-    """Apply train.allocator; True when the C library took the setting.
-
-    glibc serves blocks over 32 MB with mmap and unmaps them on free, so every training step
-    page-faults its activations back in (~25% of CPU time as sys for the scratch CNN @128).
-    "retain" keeps them in the heap. Only the process's memory reuse changes, never a value.
-    """
-    match choice:
-        case "system":
-            return False
-        case "retain":
-            try:
-                import ctypes
-
-                libc = ctypes.CDLL(None)
-                mallopt = libc.mallopt  # AttributeError: not glibc (musl, macOS, Windows)
-            except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
-                return False
-            return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
-        case _:
-            assert_never(choice)
+def build_optimization(exp: C.Experiment, model: nn.Module, steps_per_epoch: int) -> Optimization:
+    optimizer = build_optimizer(exp.optimizer, model.parameters())
+    schedule = build_scheduler(exp.scheduler, optimizer, exp.train.epochs, steps_per_epoch)
+    return Optimization(nn.CrossEntropyLoss(label_smoothing=exp.train.label_smoothing), optimizer, schedule)
 
 
 # ---------------------------------------------------------------------------------------- feed
@@ -126,9 +108,26 @@ class Feed:
     """
 
     net: nn.Module
-    prepare_input: Callable[[torch.Tensor], torch.Tensor]
-    loaders: dict[str, Any]
+    inputs: runtime.Inputs
+    loaders: dict[str, DataLoader]
     feature_cache: bool
+
+
+def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, DataLoader], device: torch.device) -> Feed:
+    """Images through the whole model; or, where train.feature_cache applies exactly, the frozen
+    backbone's features computed once per split and fed to the head (same batches, same order)."""
+    inputs = data.inputs(exp, device)
+    if not feature_cache_applies(exp):
+        return Feed(model, inputs, loaders, feature_cache=False)
+    cached = {}
+    for split_name, loader in loaders.items():
+        in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, False, 0, exp.seed)
+        features = cache_features(model.backbone, in_order, inputs)
+        batch = exp.data.batch_size if split_name == "train" else exp.data.eval_batch_size
+        features_set = data.FeatureSet(features, loader.dataset.split.labels)
+        cached[split_name] = data.make_loader(features_set, batch, split_name == "train", 0, exp.seed)
+    to_device = runtime.Inputs(lambda features: features.to(device, non_blocking=True), device, inputs.precision)
+    return Feed(model.head, to_device, cached, feature_cache=True)
 
 
 def feature_cache_applies(exp: C.Experiment) -> bool:
@@ -138,13 +137,13 @@ def feature_cache_applies(exp: C.Experiment) -> bool:
 
 
 @torch.no_grad()  # not inference_mode: the head saves these features for its backward pass
-def cache_features(backbone: nn.Module, loader, prepare_input, device: torch.device, precision: str) -> torch.Tensor:
+def cache_features(backbone: nn.Module, loader: DataLoader, inputs: runtime.Inputs) -> torch.Tensor:
     """One pass of the frozen backbone over a split, in the loader's (unshuffled) order."""
     backbone.eval()
     chunks = []
     for images, _ in loader:
-        with autocast(device, precision):
-            chunks.append(backbone(prepare_input(images)))
+        with inputs.autocast():
+            chunks.append(backbone(inputs.prepare(images)))
     return torch.cat(chunks)
 
 
@@ -201,35 +200,23 @@ def build_monitor(exp: C.Experiment) -> Monitor:
 class LoopState:
     """What the loop carries between epochs, saved in every last checkpoint for resume."""
 
+    monitor: Monitor
     epoch: int = 0  # epochs completed
     history: list[dict[str, float]] = field(default_factory=list)
-    monitor: dict[str, Any] = field(default_factory=dict)
     stopped_early: bool = False
     train_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> LoopState:
+        return cls(**(saved | {"monitor": Monitor(**saved["monitor"])}))
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader,
-    prepare_input: Callable[[torch.Tensor], torch.Tensor],
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    device: torch.device,
-    precision: str,
-    epoch: int,
-    progress: bool,
-) -> dict[str, float]:
-    model.train()
+def train_one_epoch(feed: Feed, opt: Optimization, epoch: int, progress: bool) -> dict[str, float]:
+    net, loader, device = feed.net, feed.loaders["train"], feed.inputs.device
+    net.train()
     loader.batch_sampler.set_epoch(epoch)
     n_steps = len(loader)
     losses = torch.zeros(n_steps, device=device)  # kept on device: read every few steps, not every step
@@ -237,22 +224,22 @@ def train_one_epoch(
     seen = 0
     bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
     for step, (images, labels) in enumerate(bar):
-        x, y = prepare_input(images), labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
+        x, y = feed.inputs.prepare(images), labels.to(device, non_blocking=True)
+        with feed.inputs.autocast():
+            logits = net(x)
+        loss = opt.loss_fn(logits.float(), y)
+        opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if schedule.per_batch:
-            schedule.scheduler.step()
+        opt.optimizer.step()
+        if opt.schedule.per_batch:
+            opt.schedule.scheduler.step()
         losses[step] = loss.detach()
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if step % 10 == 9 or step == n_steps - 1:
             window = losses[max(0, step - 9) : step + 1]
             _check_finite(window, epoch, step - len(window) + 1)
-            bar.set_postfix(loss=f"{window.mean().item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{window.mean().item():.4f}", lr=f"{opt.optimizer.param_groups[0]['lr']:.2e}")
     return {"train_loss": losses.mean().item(), "train_acc": correct.item() / max(seen, 1)}
 
 
@@ -285,7 +272,3 @@ def epoch_row(epoch: int, train: dict[str, float], val: dict[str, float], lr: fl
         "lr": lr,
         "seconds": seconds,
     }
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -1,7 +1,7 @@
 """Claim 18: saving and loading a checkpoint gives identical predictions.
 
-Models are built as a run builds them (`run.build`, with the experiment's memory format), saved with
-`run.save` and loaded back with `run.load_for_inference`, the path `evaluate` and `predict` take.
+Models are built as a run builds them (`models.build`, with the experiment's memory format), saved with
+`RunDir.save` and loaded back with `evaluate.load_for_inference`, the path `evaluate` and `predict` take.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from imgcls import checkpoint, config, run, train
+from imgcls import checkpoint, config, data, evaluate, models, train
+from imgcls.rundir import RunDir
 from imgcls.errors import CheckpointError
 
 from .strategies import generator, scratch_cnns, seeds
@@ -21,6 +22,10 @@ from .support import falsify
 from .test_normalization import randomise_batchnorm
 
 CLASSES = ["ant", "bee", "cat"]
+
+
+def save_in_run_dir(path: Path, exp, model, classes: list[str], state) -> None:
+    RunDir(path.parent, exp, classes).save(path.name, model, state)
 
 
 def check_same_predictions(save, tmp: Path, model_cfg, channels_last: bool, seed: int) -> None:
@@ -38,19 +43,19 @@ def check_same_predictions(save, tmp: Path, model_cfg, channels_last: bool, seed
         }
     )
     torch.manual_seed(seed)
-    model = randomise_batchnorm(run.build(exp, len(CLASSES), torch.device("cpu")), seed).eval()
+    model = randomise_batchnorm(models.build(exp.model, len(CLASSES), torch.device("cpu"), exp.train.channels_last), seed).eval()
     images = torch.randint(
         0, 256, (3, 3, exp.data.image_size, exp.data.image_size), dtype=torch.uint8, generator=generator(seed)
     )
-    prepare = run.input_preparer(exp, torch.device("cpu"))
+    prepare = data.inputs(exp, torch.device("cpu")).prepare
     with torch.no_grad():
         before = model(prepare(images))
     (tmp / "exp.toml").write_text(config.to_toml(exp))
-    save(tmp / "best.safetensors", exp, model, CLASSES, train.LoopState(epoch=1))
-    loaded = run.load_for_inference(str(tmp / "exp.toml"), str(tmp / "best.safetensors"))
+    save(tmp / "best.safetensors", exp, model, CLASSES, train.LoopState(train.Monitor("min"), epoch=1))
+    loaded = evaluate.load_for_inference(str(tmp / "exp.toml"), str(tmp / "best.safetensors"))
     assert loaded.classes == CLASSES and not loaded.model.training
     with torch.no_grad():
-        after = loaded.model(loaded.prepare_input(images))
+        after = loaded.model(loaded.inputs.prepare(images))
     assert torch.equal(before, after), (before - after).abs().max()
 
 
@@ -63,14 +68,14 @@ cases = st.tuples(scratch_cnns(), st.booleans(), seeds)
 def test_saving_and_loading_gives_identical_predictions(tmp_path_factory, case):
     """Saving and loading a checkpoint gives identical predictions: bit-identical logits for the same images,
     for every model variant, BatchNorm statistics included."""
-    check_same_predictions(run.save, tmp_path_factory.mktemp("ckpt"), *case)
+    check_same_predictions(save_in_run_dir, tmp_path_factory.mktemp("ckpt"), *case)
 
 
 def test_checkpoint_check_catches_lossy_and_incomplete_checkpoints(tmp_path_factory):
     """Broken variants: weights stored as float16, and a checkpoint holding parameters but not BatchNorm buffers."""
 
     def half_precision(path, exp, model, classes, state):
-        run.save(path, exp, copy.deepcopy(model).half(), classes, state)
+        save_in_run_dir(path, exp, copy.deepcopy(model).half(), classes, state)
 
     def parameters_only(path, exp, model, classes, state):
         weights = {k: v.detach() for k, v in model.named_parameters()}

@@ -20,7 +20,8 @@ from torch import nn
 
 from imgcls import config as C
 from imgcls import evaluate, predict
-from imgcls.run import Loaded
+from imgcls.evaluate import Trained
+from imgcls.runtime import Inputs
 
 from .strategies import logits, scratch_cnns, seeds
 from .support import built, falsify
@@ -188,7 +189,7 @@ def check_predict_top_class(classify, folder: Path, table: torch.Tensor, batch: 
         }
     )
     classes = [f"class{i}" for i in range(table.shape[1])]
-    loaded = Loaded(exp, TableModel(table), classes, torch.device("cpu"), lambda images: images.float())
+    loaded = Trained(exp, TableModel(table), classes, Inputs(lambda images: images.float(), torch.device("cpu"), "fp32"))
     paths = write_index_images(folder, len(table))
     results, errors = classify(loaded, paths, top_k)
     assert not errors and [r["path"] for r in results] == paths

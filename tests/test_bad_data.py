@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from imgcls import config, data, evaluate, predict, run
+from imgcls import config, data, evaluate, models, predict, run
 from imgcls.errors import DataError
 
 from .tiny_data import CLASSES, bomb_png, experiment, image_array, make_data, make_split
@@ -256,7 +256,7 @@ def test_training_evaluate_and_predict_see_the_same_pixels(tmp_path, monkeypatch
     seen: list[bytes] = []
 
     def record(module, args):
-        if isinstance(module, run.models.Classifier):  # the model's input: the normalised batch
+        if isinstance(module, models.Classifier):  # the model's input: the normalised batch
             pixels = ((args[0].detach().float() * 0.5 + 0.5) * 255).round().to(torch.uint8)
             seen.extend(t.contiguous().numpy().tobytes() for t in pixels)
 

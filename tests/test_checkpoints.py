@@ -175,7 +175,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_with_the_difference(tra
     monkeypatch.chdir(base)
     wider = experiment(base, {"model": {"channels": [8, 32], "dropout": 0.5}}, "wider.toml")
     with pytest.raises(CheckpointError) as info:
-        run.load_for_inference(str(wider), str(run_dir / "best.safetensors"))
+        evaluate.load_for_inference(str(wider), str(run_dir / "best.safetensors"))
     message = str(info.value)
     assert "model.channels: [8, 16] (checkpoint) vs [8, 32] (experiment)" in message, message
     assert "model.dropout: 0.3 (checkpoint) vs 0.5 (experiment)" in message
@@ -184,7 +184,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_with_the_difference(tra
     resnet = experiment(base, {"model": {"arch": "resnet18", "weights": "none", "channels": None, "hidden": None,
                                          "dropout": None, "batch_norm": None}, "data": {"image_size": 32}}, "resnet.toml")
     with pytest.raises(CheckpointError, match=r'model.arch: "scratch_cnn" \(checkpoint\) vs "resnet18" \(experiment\)'):
-        run.load_for_inference(str(resnet), str(run_dir / "best.safetensors"))
+        evaluate.load_for_inference(str(resnet), str(run_dir / "best.safetensors"))
 
 
 def test_a_checkpoint_of_another_class_list_is_refused_with_the_difference(trained, monkeypatch, capsys):
@@ -193,7 +193,7 @@ def test_a_checkpoint_of_another_class_list_is_refused_with_the_difference(train
     monkeypatch.chdir(base)
     other = experiment(base, {"data": {"train_dir": "other/train"}}, "other.toml")
     with pytest.raises(CheckpointError) as info:
-        run.load_for_inference(str(other), str(run_dir / "best.safetensors"))
+        evaluate.load_for_inference(str(other), str(run_dir / "best.safetensors"))
     message = str(info.value)
     assert "knows classes ['cat', 'dog']" in message and "has ['cat', 'eel', 'fox']" in message
     assert "missing from the checkpoint ['eel', 'fox'], extra in it ['dog']" in message

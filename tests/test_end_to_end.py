@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from imgcls import config
-from imgcls.run import load_for_inference, split_logits
+from imgcls.evaluate import load_for_inference, split_logits
 
 from .helpers import make_split, tiny_experiment
 

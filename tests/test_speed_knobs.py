@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from torch import nn
 
-from imgcls import checkpoint, config, data, evaluate, run, train
+from imgcls import checkpoint, config, data, evaluate, models, run, rundir, train
 
 
 def _images(root, per_class: int = 6, classes: int = 3) -> None:
@@ -42,7 +41,7 @@ def _run(tmp_path, name: str, **overrides) -> tuple[dict, dict[str, torch.Tensor
         else:
             exp[section] = value
     results = run.run(config.validate(exp), progress=False)
-    return results, checkpoint.load(tmp_path / "runs" / name / run.LAST).model
+    return results, checkpoint.load(tmp_path / "runs" / name / rundir.LAST).model
 
 
 PER_IMAGE = [{"op": "random_resized_crop", "scale": [0.5, 1.0]}, {"op": "horizontal_flip"}]
@@ -66,7 +65,7 @@ def test_num_workers_do_not_change_bits(tmp_path, augment, batched):
     _images(tmp_path)
     exp = config.validate({"name": "x", "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"),
                            "image_size": 32}, "augment": augment, "model": {"arch": "scratch_cnn"}})
-    transform = run.build_loaders(exp, data.prepare(exp.data, progress=False))["train"].dataset.transform
+    transform = data.build_loaders(exp, data.prepare(exp.data, progress=False))["train"].dataset.transform
     assert isinstance(transform, data.BatchAugment) == batched
     _workers_agree(tmp_path, augment)
 
@@ -105,16 +104,15 @@ def _fit_head(tmp_path, augment: list, feature_cache: bool, epochs: int = 2):
     cpu = torch.device("cpu")
     dataset = data.prepare(exp.data, progress=False)
     torch.manual_seed(0)
-    model = run.build(exp, len(dataset.classes), cpu)
+    model = models.build(exp.model, len(dataset.classes), cpu, exp.train.channels_last)
     initial = model.head.weight.detach().clone()
-    loaders = run.build_loaders(exp, dataset)
-    optimizer = train.build_optimizer(exp.optimizer, model.parameters())
-    schedule = train.build_scheduler(exp.scheduler, optimizer, epochs, len(loaders["train"]))
-    feed = run.build_feed(exp, model, loaders, cpu)
+    loaders = data.build_loaders(exp, dataset)
+    opt = train.build_optimization(exp.model_copy(update={"train": exp.train.model_copy(update={"epochs": epochs})}),
+                                   model, len(loaders["train"]))
+    feed = train.build_feed(exp, model, loaders, cpu)
     for epoch in range(1, epochs + 1):
-        train.train_one_epoch(feed.net, feed.loaders["train"], feed.prepare_input, nn.CrossEntropyLoss(), optimizer,
-                              schedule, cpu, "fp32", epoch, progress=False)
-    logits, _ = evaluate.predict_logits(feed.net, feed.loaders["val"], feed.prepare_input, cpu, "fp32")
+        train.train_one_epoch(feed, opt, epoch, progress=False)
+    logits, _ = evaluate.logits_of(feed.net, feed.loaders["val"], feed.inputs)
     return initial, model.state_dict(), logits, feed.feature_cache
 
 
