@@ -55,7 +55,7 @@ class Contest:
         self.model = models.build(exp.model, 4, self.device, exp.train.channels_last)
         self.loaders = data.build_loaders(exp, self.dataset)
         self.opt = train.build_optimization(exp, self.model, len(self.loaders["train"]))
-        self.feed = train.Feed(self.model, data.inputs(exp, self.device), self.loaders, feature_cache=False)
+        self.feed = train.Feed(self.model, self.model, data.inputs(exp, self.device), self.loaders, feature_cache=False)
         self.loss_fn = nn.CrossEntropyLoss()
         self.epoch = 0
         fmt = torch.channels_last if exp.train.channels_last else torch.contiguous_format

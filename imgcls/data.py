@@ -15,7 +15,7 @@ import stat
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -130,7 +130,7 @@ def decode(path: str, resize_size: int) -> torch.Tensor:
         return _decode_file(f, path, resize_size)
 
 
-def _open_regular(path: str):
+def _open_regular(path: str) -> BinaryIO:
     """Open a regular, non-empty file for reading, or raise DataError saying what it is instead.
 
     The type is checked on the open descriptor, not the name: O_NONBLOCK makes opening a named
@@ -156,7 +156,7 @@ def _open_regular(path: str):
     return os.fdopen(fd, "rb")
 
 
-def _decode_file(f, path: str, resize_size: int) -> torch.Tensor:
+def _decode_file(f: BinaryIO, path: str, resize_size: int) -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -372,7 +372,7 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _keys(seed: int, epoch: int, indices, stream: int) -> np.ndarray:
+def _keys(seed: int, epoch: int, indices: list[int], stream: int) -> np.ndarray:
     base = np.uint64((seed * _SEED + epoch * _EPOCH + stream * _STREAM) % 2**64)
     return _mix(base + np.asarray(indices, dtype=np.uint64) * np.uint64(_INDEX))  # uint64 arrays wrap mod 2**64
 
@@ -390,7 +390,7 @@ def sample_uniforms(seed: int, epoch: int, indices: list[int], stream: int) -> t
 class ImageSet(Dataset):
     """Items are keyed by (epoch, index) so a sample's randomness never depends on who loads it."""
 
-    def __init__(self, split: Split, images: list[torch.Tensor], transform, seed: int):
+    def __init__(self, split: Split, images: list[torch.Tensor], transform: v2.Transform | BatchAugment, seed: int):
         self.split, self.images, self.transform, self.seed = split, images, transform, seed
 
     def __len__(self) -> int:

@@ -16,7 +16,7 @@ import os
 import sys
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Iterator, TextIO
 
 import torch
 
@@ -88,7 +88,7 @@ def _decoded_ahead(paths: list[str], resize_size: int, window: int) -> Iterator[
             yield path, image
 
 
-def write(results: list[dict], fmt: str, out) -> None:
+def write(results: list[dict], fmt: str, out: TextIO) -> None:
     if fmt == "json":
         json.dump(results, out, indent=2)
         out.write("\n")

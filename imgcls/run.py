@@ -56,11 +56,11 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
         print(f"{run_path} holds no finished epoch yet: starting at epoch 1", file=sys.stderr)
     feed = train.build_feed(exp, model, loaders, device)  # after restore: a cache is built from the weights that train on
 
-    fit(run_dir, model, feed, opt, state, progress)
-    return finish(run_dir, model, feed, state)
+    fit(run_dir, feed, opt, state, progress)
+    return finish(run_dir, feed, state)
 
 
-def fit(run_dir: RunDir, model: models.Classifier, feed: train.Feed, opt: train.Optimization, state: train.LoopState, progress: bool) -> None:
+def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train.LoopState, progress: bool) -> None:
     """Epochs state.epoch+1 .. epochs; after each, the last (and maybe best) checkpoint is saved."""
     exp, monitor = run_dir.exp, state.monitor
     while state.epoch < exp.train.epochs and not state.stopped_early:
@@ -78,20 +78,20 @@ def fit(run_dir: RunDir, model: models.Classifier, feed: train.Feed, opt: train.
         state.history.append(row)
         state.train_seconds += seconds
         if is_best:
-            run_dir.save(BEST, model, state)
-        run_dir.save(LAST, model, state, opt)
+            run_dir.save(BEST, feed.model, state)
+        run_dir.save(LAST, feed.model, state, opt)
         report.write_history(run_dir.path / "history.csv", state.history)
         tqdm.write(report.summary_line(epoch, exp.train.epochs, row, is_best), file=sys.stderr)
         if state.stopped_early:
             tqdm.write(f"early stopping: no improvement in {monitor.patience} epochs", file=sys.stderr)
 
 
-def finish(run_dir: RunDir, model: models.Classifier, feed: train.Feed, state: train.LoopState) -> dict[str, Any]:
+def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[str, Any]:
     """Reload the best weights, evaluate val (and test), and write every result file."""
     exp, classes, path = run_dir.exp, run_dir.classes, run_dir.path
     if not (path / BEST).exists():
         raise UserError(f"no epoch gave a finite {exp.train.select_best}; nothing to evaluate")
-    model.load_state_dict(checkpoint.load(path / BEST).model)  # feed.net shares these parameters
+    feed.model.load_state_dict(checkpoint.load(path / BEST).model)  # feed.net shares these parameters
     results: dict[str, Any] = {"classes": classes}
     reports = []
     for split in ("val", "test"):

@@ -103,10 +103,11 @@ def build_optimization(exp: C.Experiment, model: nn.Module, steps_per_epoch: int
 class Feed:
     """What the loop's batches flow through: the whole model on images, or its head on cached features.
 
-    Checkpoints always hold the whole model; `net` is the model itself or a part of it that shares
+    Checkpoints always hold the whole `model`; `net` is the model itself or a part of it that shares
     its parameters, so training `net` trains the model.
     """
 
+    model: models.Classifier
     net: nn.Module
     inputs: runtime.Inputs
     loaders: dict[str, DataLoader]
@@ -118,7 +119,7 @@ def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, D
     backbone's features computed once per split and fed to the head (same batches, same order)."""
     inputs = data.inputs(exp, device)
     if not feature_cache_applies(exp):
-        return Feed(model, inputs, loaders, feature_cache=False)
+        return Feed(model, model, inputs, loaders, feature_cache=False)
     cached = {}
     for split_name, loader in loaders.items():
         in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, False, 0, exp.seed)
@@ -127,7 +128,7 @@ def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, D
         features_set = data.FeatureSet(features, loader.dataset.split.labels)
         cached[split_name] = data.make_loader(features_set, batch, split_name == "train", 0, exp.seed)
     to_device = runtime.Inputs(lambda features: features.to(device, non_blocking=True), device, inputs.precision)
-    return Feed(model.head, to_device, cached, feature_cache=True)
+    return Feed(model, model.head, to_device, cached, feature_cache=True)
 
 
 def feature_cache_applies(exp: C.Experiment) -> bool:
