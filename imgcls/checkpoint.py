@@ -60,7 +60,20 @@ def save(path: str | Path, ckpt: Checkpoint) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = json.dumps({"format": FORMAT, **ckpt.meta}, sort_keys=True)
     metadata = {"imgcls": header, "sha256": _digest(header, tensors)}
-    atomic_write(Path(path), st_save(tensors, metadata=metadata))
+    atomic_write(Path(path), _canonical(st_save(tensors, metadata=metadata)))
+
+
+def _canonical(blob: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted.
+
+    safetensors writes the header from a hash map, so its key order (and the file's SHA-256)
+    changes from process to process. Data offsets count from the end of the header, so a
+    rewritten header (space-padded to 8 bytes, as safetensors aligns it) leaves them valid.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    text = json.dumps(json.loads(blob[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    header = text.encode().ljust(-(-len(text.encode()) // 8) * 8)
+    return len(header).to_bytes(8, "little") + header + blob[8 + size :]
 
 
 def load(path: str | Path) -> Checkpoint:

@@ -6,9 +6,11 @@ Every default lives here and nowhere else; the interpreter reads fields, it neve
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
+import re
 import sys
 import tomllib
 import types
@@ -77,21 +79,26 @@ class DataConfig(Section):
     def _resolve(self) -> DataConfig:
         if self.resize_size is None:
             self.resize_size = round(self.image_size * 8 / 7)
-        if self.resize_size < self.image_size:
-            raise ValueError(
-                f"resize_size = {self.resize_size} is smaller than image_size = {self.image_size}: "
-                "evaluation centre-crops image_size out of the resized image"
-            )
-        dirs = {"train_dir": self.train_dir, "val_dir": self.val_dir, "test_dir": self.test_dir}
-        seen: dict[str, str] = {}
-        for key, value in dirs.items():
-            if value is None:
-                continue
-            norm = os.path.normpath(value)
-            if norm in seen:
-                raise ValueError(f"{key} and {seen[norm]} are the same folder ({value!r}): splits must be separate")
-            seen[norm] = key
         return self
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    problems = []
+    if data.resize_size < data.image_size:
+        problems.append(
+            f"data.resize_size = {data.resize_size} is smaller than data.image_size = {data.image_size}: "
+            "evaluation centre-crops image_size out of the resized image"
+        )
+    seen: dict[str, str] = {}
+    for key in ("train_dir", "val_dir", "test_dir"):
+        value = getattr(data, key)
+        if value is None:
+            continue
+        norm = os.path.normpath(value)
+        if norm in seen:
+            problems.append(f"data.{key} and data.{seen[norm]} are the same folder ({value!r}): splits must be separate")
+        seen[norm] = key
+    return problems
 
 
 # ---------------------------------------------------------------------------------- augmentation
@@ -371,7 +378,7 @@ class Experiment(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Experiment:
-        problems = []
+        problems = _data_problems(self.data)
         if self.data.image_size < self.model.min_image_size:
             problems.append(
                 f"data.image_size = {self.data.image_size} is too small for model.arch = {self.model.arch!r}: "
@@ -436,51 +443,177 @@ _SEPARATE = "\n<next>"
 
 
 def validate(data: dict[str, Any], source: str = "<experiment>") -> Experiment:
-    """Validate a parsed experiment, or raise ConfigError listing every problem with its key path."""
+    """Validate a parsed experiment, or raise ConfigError listing every problem with its key path.
+
+    pydantic checks cross-field rules only once every field is valid, so a file with a typo and
+    a contradiction would report them one edit apart. The contradictions hidden behind field
+    errors are found by validating again with the bad keys removed (their defaults apply).
+    """
     try:
         return Experiment.model_validate(data)
     except ValidationError as e:
-        problems = [line for err in e.errors() for line in _describe(err).split(_SEPARATE)]
+        problems = _problem_lines(e.errors())
+        problems += [p for p in _hidden_problems(data, e.errors()) if p not in problems]
         raise ConfigError(source, problems) from None
 
 
-def load(path: str | os.PathLike) -> Experiment:
-    path = Path(path)
+def _problem_lines(errors: list[dict[str, Any]]) -> list[str]:
+    return [line for err in errors for line in _describe(err).split(_SEPARATE)]
+
+
+def _hidden_problems(data: dict[str, Any], errors: list[dict[str, Any]]) -> list[str]:
+    """Whole-table problems that the field errors kept pydantic from checking.
+
+    A problem that names a removed key is left out: it would be about the default that stood in
+    for the user's value, not about the file.
+    """
+    repaired, removed, found = copy.deepcopy(data), set(), []
+    for _ in range(4):  # each round can uncover one more level of nested tables
+        if not [err for err in errors if _remove(repaired, err, removed)]:
+            break
+        try:
+            Experiment.model_validate(repaired)
+            break
+        except ValidationError as e:
+            errors = e.errors()
+        found += [p for p in _problem_lines(errors) if not any(_mentions(p, key) for key in removed)]
+    return found
+
+
+def _remove(tree: dict[str, Any], err: dict[str, Any], removed: set[str]) -> bool:
+    """Delete the key (or list item) an error is about, where its table gives it a default."""
+    key, parent, raw, whole_table = _key_path(err["loc"])
+    if whole_table and raw and isinstance(raw[-1], int):  # an unusable list item, e.g. an unknown op
+        key, raw = key.rpartition("[")[0], raw[:-1]
+    elif whole_table or parent is None or not raw:
+        return False
+    while isinstance(raw[-1], int):  # a bad item of a list of numbers: the whole list goes
+        key, raw = key.rpartition("[")[0], raw[:-1]
+    field = parent.model_fields.get(str(raw[-1])) if parent else None
+    if field is not None and field.is_required():
+        return False  # nothing to fall back on
+    node: Any = tree
+    for part in raw[:-1]:
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+    if isinstance(node, dict) and raw[-1] in node:
+        del node[raw[-1]]
+        removed.add(key)
+        return True
+    return False
+
+
+def _has(node: dict | list, part: str | int) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(part, int) and part < len(node)
+
+
+def _mentions(problem: str, key: str) -> bool:
+    """Whether a problem line is about `key` (a table-level rule names its keys without the table)."""
+    table, _, leaf = key.rpartition(".")
+    leaf = leaf.split("[")[0]
+    return key.split("[")[0] in problem or (problem.startswith(f"{table}:") and re.search(rf"\b{re.escape(leaf)}\b", problem) is not None)
+
+
+def load(path: str | os.PathLike, *, check_paths: bool = False) -> Experiment:
+    """Read and validate an experiment file. With check_paths, the folders and files it names are
+    checked too (path_problems), and every problem of either kind comes in one report."""
+    source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as e:
-        raise ConfigError(str(path), [f"cannot read the experiment file: {e.strerror}"]) from None
-    return loads(text, str(path))
+        raise ConfigError(source, [f"cannot read the experiment file: {e.strerror}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"not UTF-8 text (byte {e.start}); save the file as UTF-8"]) from None
+    data = _parse(text, source)
+    try:
+        exp = validate(data, source)
+    except ConfigError as e:
+        raise ConfigError(source, e.problems + (path_problems(data) if check_paths else [])) from None
+    problems = path_problems(exp.model_dump(mode="json")) if check_paths else []
+    if problems:
+        raise ConfigError(source, problems)
+    return exp
 
 
 def loads(text: str, source: str = "<experiment>") -> Experiment:
+    return validate(_parse(text, source), source)
+
+
+def _parse(text: str, source: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, [f"invalid TOML: {e}"]) from None
-    return validate(data, source)
 
 
 def to_toml(exp: Experiment) -> str:
-    """Canonical TOML: every default filled in, keys in schema order, absent options omitted."""
-    return tomli_w.dumps(exp.model_dump(mode="json", exclude_none=True))
+    """Canonical TOML: every default filled in, keys in schema order, absent options omitted.
+
+    One layout whatever the content, so `diff` of two runs' config.toml shows values, not
+    formatting: the augment list is always one inline table per line (tomli_w alone switches
+    to [[augment]] tables when a line grows long), every other list one item per line.
+    """
+    tree = exp.model_dump(mode="json", exclude_none=True)
+    top = {k: v for k, v in tree.items() if not isinstance(v, (dict, list))}
+    tables = {k: v for k, v in tree.items() if isinstance(v, dict)}
+    ops = "".join(f"    {_inline_toml(op)},\n" for op in tree["augment"])
+    header = f"# resolved experiment; keys that cannot change results: {', '.join(sorted(RESULT_NEUTRAL))}\n"
+    return header + tomli_w.dumps(top) + f"augment = [\n{ops}]\n\n" + tomli_w.dumps(tables)
 
 
-def path_problems(exp: Experiment) -> list[str]:
-    """Filesystem checks that a pure schema cannot make; kept apart so --dry-run stays offline-safe."""
-    problems, seen = [], {}
+def _inline_toml(value: Any) -> str:
+    """A value on one line, scalars written by tomli_w so strings and floats round-trip exactly."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_inline_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline_toml(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
+
+
+# Folders that are never classes: hidden ones, and the resource forks a macOS zip carries.
+JUNK_DIRS = {"__macosx"}
+
+
+def is_hidden_dir(name: str) -> bool:
+    return name.startswith(".") or name.lower() in JUNK_DIRS
+
+
+def class_folders(root: str) -> list[str]:
+    """Class folder names in sorted order, as ImageFolder; hidden folders are never classes."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not is_hidden_dir(e.name))
+
+
+def path_problems(tree: dict[str, Any]) -> list[str]:
+    """What the folders and files an experiment names must hold, checked without reading an image.
+
+    Takes the parsed (or dumped) experiment, so the checks also run beside schema errors.
+    """
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    problems, classes, seen = [], {}, {}
     for key in ("train_dir", "val_dir", "test_dir"):
-        value = getattr(exp.data, key)
-        if value is not None and not Path(value).is_dir():
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        if not Path(value).is_dir():
             problems.append(f"data.{key}: folder {value!r} does not exist (relative paths start at {os.getcwd()})")
-        elif value is not None:
-            same = [k for k, v in seen.items() if os.path.samefile(v, value)]  # e.g. through a link
-            if same:
-                problems.append(f"data.{key} and data.{same[0]} are the same folder ({value!r}): splits must be separate")
-            seen[key] = value
-    model = exp.model
-    if isinstance(model, ResNet18) and model.weights not in ("none", "imagenet") and not Path(model.weights).is_file():
-        problems.append(f"model.weights: file {model.weights!r} does not exist; use \"none\", \"imagenet\" or a path")
+            continue
+        same = [k for k, v in seen.items() if os.path.samefile(v, value)]  # e.g. through a link
+        if same:
+            problems.append(f"data.{key} and data.{same[0]} are the same folder ({value!r}): splits must be separate")
+        seen[key] = value
+        classes[key] = class_folders(value)
+        if not classes[key]:
+            problems.append(f"data.{key}: folder {value!r} holds no class folders (expected one sub-folder per class)")
+    for key in ("val_dir", "test_dir"):
+        unknown = [c for c in classes.get(key, []) if "train_dir" in classes and c not in classes["train_dir"]]
+        if unknown:
+            problems.append(
+                f"data.{key}: class folder(s) {unknown} are not in data.train_dir's classes; labels follow "
+                "train's folders, so add them to train or remove them here"
+            )
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    weights = model.get("weights")
+    if isinstance(weights, str) and weights not in ("none", "imagenet", "") and not Path(weights).is_file():
+        problems.append(f"model.weights: file {weights!r} does not exist; use \"none\", \"imagenet\" or a path")
     return problems
 
 
@@ -529,7 +662,7 @@ def describe_changes(before: Experiment, after: Experiment, keys: list[str], nam
 
 
 def _describe(err: dict[str, Any]) -> str:
-    key, model = _key_path(err["loc"])
+    key, model, _, _ = _key_path(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
         leaf = str(err["loc"][-1])
@@ -555,18 +688,21 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{key}: {message}"
 
 
-def _key_path(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+def _key_path(loc: tuple) -> tuple[str, type[BaseModel] | None, list[str | int], bool]:
     """Render pydantic's loc as a TOML key path, dropping union tags, e.g. augment[0].p.
 
-    Also returns the model class that holds the last key, so unknown keys can suggest a valid one.
+    Also returns the model class that holds the last key, so unknown keys can suggest a valid one,
+    the path in the parsed TOML, and whether the loc names a whole table (a table-level rule).
     """
     parts: list[str] = []
+    raw: list[str | int] = []
     annotation: Any = Experiment
     parent: type[BaseModel] | None = None
     for item in loc:
         annotation = _strip(annotation)
         if isinstance(item, int):
             parts.append(f"[{item}]")
+            raw.append(item)
             annotation = typing.get_args(annotation)[0] if typing.get_args(annotation) else None
             continue
         members = _union_members(annotation)
@@ -583,8 +719,11 @@ def _key_path(loc: tuple) -> tuple[str, type[BaseModel] | None]:
             annotation = field.annotation if field else None
         else:
             parent, annotation = None, None
+        raw.append(item)
         parts.append(("." if parts else "") + str(item))
-    return "".join(parts), parent
+    whole_table = _tag_of(annotation) is not None or (isinstance(annotation, type) and issubclass(annotation, BaseModel))
+    whole_table = whole_table or any(_tag_of(m) is not None for m in _union_members(_strip(annotation)))
+    return "".join(parts), parent, raw, whole_table
 
 
 def _strip(annotation: Any) -> Any:
@@ -688,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def go() -> int:
-        print(to_toml(load(argv[0])), end="")
+        print(to_toml(load(argv[0], check_paths=True)), end="")
         return 0
 
     return guarded(go)

@@ -10,6 +10,7 @@ the whole stacked batch at once. A sample's augmentation randomness is a pure fu
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import warnings
@@ -34,7 +35,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 # Decoders allowed to open a file: a restricted list keeps Ghostscript (EPS) and friends from ever running.
 DECODERS = ["JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP", "GIF"]
 JUNK_FILES = {"thumbs.db", "desktop.ini"}
-JUNK_DIRS = {"__macosx"}  # the resource forks a macOS zip carries beside the real files
 # Transparent pixels are blended onto white, as a photo viewer shows them.
 BACKGROUND = (255, 255, 255)
 NORMALIZE = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "half": ([0.5] * 3, [0.5] * 3)}
@@ -54,15 +54,16 @@ class Split:
     paths: list[str]
     labels: list[int]
     skipped: Counter = field(default_factory=Counter)  # reason -> count
+    sizes: list[int] = field(default_factory=list)  # bytes of each file, once decoded
+    sha256: list[str] = field(default_factory=list)
+
+    def relative_paths(self) -> list[str]:
+        """Paths relative to the split's folder: what stays the same when the data moves."""
+        return [os.path.relpath(p, self.root) for p in self.paths]
 
 
 def scan_classes(root: str) -> list[str]:
-    """Class folder names in sorted order, as ImageFolder; hidden folders are never classes."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden_dir(e.name))
-
-
-def _hidden_dir(name: str) -> bool:
-    return name.startswith(".") or name.lower() in JUNK_DIRS
+    return C.class_folders(root)
 
 
 def scan_split(name: str, root: str, classes: list[str]) -> Split:
@@ -103,7 +104,7 @@ def image_files(folder: str, skipped: Counter) -> list[str]:
         seen_dirs.add(real)
         # A folder named like an image (x.jpg/) is listed, not entered: decode reports it as a bad file.
         named_like_images = [d for d in dirnames if d.lower().endswith(IMAGE_EXTENSIONS) and not d.startswith(".")]
-        dirnames[:] = sorted(d for d in dirnames if not _hidden_dir(d) and d not in named_like_images)
+        dirnames[:] = sorted(d for d in dirnames if not C.is_hidden_dir(d) and d not in named_like_images)
         for fname in sorted(filenames + named_like_images):
             path = os.path.join(dirpath, fname)
             if fname.startswith(".") or fname.lower() in JUNK_FILES:
@@ -128,6 +129,22 @@ def decode(path: str, resize_size: int) -> torch.Tensor:
     """
     with _open_regular(path) as f:
         return _decode_file(f, path, resize_size)
+
+
+@dataclass(frozen=True)
+class Read:
+    """One file as the preflight read it: its bytes' size and SHA-256, and the decoded image."""
+
+    size: int
+    sha256: str
+    image: torch.Tensor
+
+
+def read(path: str, resize_size: int) -> Read:
+    """Read a file once, hash those bytes and decode them: what is recorded is what trains."""
+    with _open_regular(path) as f:
+        blob = f.read()
+    return Read(len(blob), hashlib.sha256(blob).hexdigest(), _decode_file(io.BytesIO(blob), path, resize_size))
 
 
 def _open_regular(path: str) -> BinaryIO:
@@ -208,11 +225,6 @@ def _resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
         return image
     new = [size, max(1, round(w * size / h))] if h <= w else [max(1, round(h * size / w)), size]
     return v2.functional.resize(image, new, antialias=True)
-
-
-def file_hash(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ------------------------------------------------------------------------------------ transforms
@@ -425,14 +437,14 @@ class ImageSet(Dataset):
 class FeatureSet(Dataset):
     """Cached backbone features, keyed like ImageSet so the same sampler yields the same batches."""
 
-    def __init__(self, features: torch.Tensor, labels: list[int]):
-        self.features, self.labels = features, labels
+    def __init__(self, features: torch.Tensor, split: Split):
+        self.features, self.split = features, split
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.split.labels)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        return self.features[key[1]], self.labels[key[1]]
+        return self.features[key[1]], self.split.labels[key[1]]
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
@@ -557,30 +569,33 @@ def prepare(cfg: C.DataConfig, progress: bool = True) -> Data:
 
 
 def decode_split(split: Split, resize_size: int, progress: bool) -> tuple[list[torch.Tensor], list[str]]:
-    keep_paths, keep_labels, decoded, failures = [], [], [], []
+    """Read and decode every file of a split once; the split keeps the readable ones, with the size
+    and SHA-256 of the bytes that were decoded. Returns the images and the unreadable files' errors."""
+    kept: list[tuple[str, int, Read]] = []
+    failures = []
     bar = tqdm(split.paths, desc=f"decode {split.name}", unit="img", disable=not progress, leave=False)
     for path, label in zip(bar, split.labels):
         try:
-            decoded.append(decode(path, resize_size))
+            kept.append((path, label, read(path, resize_size)))
         except DataError as e:
             failures.append(str(e))
-            continue
-        keep_paths.append(path)
-        keep_labels.append(label)
-    split.paths, split.labels = keep_paths, keep_labels
+    split.paths = [path for path, _, _ in kept]
+    split.labels = [label for _, label, _ in kept]
+    split.sizes = [r.size for _, _, r in kept]
+    split.sha256 = [r.sha256 for _, _, r in kept]
     if not split.paths:
         raise DataError(f"{split.root}: no readable images in the {split.name} split")
-    return decoded, failures
+    return [r.image for _, _, r in kept], failures
 
 
 def _leakage(splits: dict[str, Split]) -> list[tuple[str, str]]:
     if "train" not in splits:
         return []
-    train = {file_hash(p): p for p in splits["train"].paths}
+    train = dict(zip(splits["train"].sha256, splits["train"].paths))
     return [
         (train[h], p)
         for name, split in splits.items()
         if name != "train"
-        for p in split.paths
-        if (h := file_hash(p)) in train
+        for p, h in zip(split.paths, split.sha256)
+        if h in train
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgcls import checkpoint, config, data, models, runtime
+from imgcls import checkpoint, config, data, models, report, runtime
 from imgcls.errors import CheckpointError, ConfigError, guarded
 
 
@@ -143,9 +144,14 @@ def split_logits(trained: Trained, split: str) -> tuple[list[str], torch.Tensor,
     return images.paths, logits, labels
 
 
-def evaluate_checkpoint(exp_path: str, ckpt_path: str, split: str) -> dict[str, Any]:
+def evaluate_checkpoint(exp_path: str, ckpt_path: str, split: str, predictions: Path | None = None) -> dict[str, Any]:
+    """A checkpoint's metrics on a split; with `predictions`, also the per-image CSV a run writes."""
     trained = load_for_inference(exp_path, ckpt_path)
-    _, logits, labels = split_logits(trained, split)
+    paths, logits, labels = split_logits(trained, split)
+    if predictions is not None:
+        root = trained.exp.data.val_dir if split == "val" else trained.exp.data.test_dir
+        relative = [os.path.relpath(p, root) for p in paths]
+        report.write_predictions(predictions, relative, logits, labels, trained.classes)
     return compute_metrics(logits, labels, trained.classes)
 
 
@@ -155,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a .safetensors checkpoint from a run directory")
     parser.add_argument("--split", choices=["val", "test"], default="val", help="which split to evaluate")
     parser.add_argument("--json", action="store_true", help="print the full metrics as JSON")
+    parser.add_argument(
+        "--predictions", type=Path, metavar="CSV", help="also write per-image predictions, as a run's predictions_<split>.csv"
+    )
     args = parser.parse_args(argv)
 
     def go() -> int:
-        metrics = evaluate_checkpoint(args.experiment, args.checkpoint, args.split)
+        metrics = evaluate_checkpoint(args.experiment, args.checkpoint, args.split, args.predictions)
         if args.json:
             print(json.dumps(metrics, indent=2))
         else:

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from imgcls.checkpoint import atomic_write
 
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+# No wall-clock column: identical runs write identical files (seconds go to timings.json).
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -23,6 +26,19 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
+    atomic_write(path, buf.getvalue())
+
+
+def write_predictions(path: Path, paths: list[str], logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
+    """One row per image: path (relative to its split's folder), true and predicted class, the
+    predicted class's probability and the true class's, in the split's file order."""
+    probs = logits.softmax(1)
+    predicted = logits.argmax(1)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "true", "predicted", "p_predicted", "p_true"])
+    for name, p, y, y_hat in zip(paths, probs.tolist(), labels.tolist(), predicted.tolist()):
+        writer.writerow([name, classes[y], classes[y_hat], f"{p[y_hat]:.6f}", f"{p[y]:.6f}"])
     atomic_write(path, buf.getvalue())
 
 
@@ -79,11 +95,11 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def summary_line(epoch: int, epochs: int, row: dict[str, float], is_best: bool) -> str:
+def summary_line(epoch: int, epochs: int, row: dict[str, float], seconds: float, is_best: bool) -> str:
     return (
         f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
         f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  lr {row['lr']:.2e}  "
-        f"{row['seconds']:.1f}s{'  *best' if is_best else ''}"
+        f"{seconds:.1f}s{'  *best' if is_best else ''}"
     )
 
 

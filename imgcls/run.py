@@ -19,14 +19,14 @@ from tqdm import tqdm
 
 from imgcls import checkpoint, config, data, evaluate, models, report, runtime, train
 from imgcls.errors import ConfigError, UserError, guarded
-from imgcls.rundir import BEST, LAST, RunDir, prepare
+from imgcls.rundir import BEST, LAST, RunDir, Timings, prepare
 
 
 def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train, select, evaluate and report one experiment; returns what metrics.json holds."""
     device = runtime.resolve_device(exp.device)
     exp = exp.model_copy(update={"device": device.type})  # the run records the resolved device
-    problems = config.path_problems(exp)
+    problems = config.path_problems(exp.model_dump(mode="json"))
     if problems:
         raise ConfigError("experiment", problems)
     run_path = prepare(exp, resume)
@@ -63,6 +63,7 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
 def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train.LoopState, progress: bool) -> None:
     """Epochs state.epoch+1 .. epochs; after each, the last (and maybe best) checkpoint is saved."""
     exp, monitor = run_dir.exp, state.monitor
+    timings = Timings.start(run_dir.path)
     while state.epoch < exp.train.epochs and not state.stopped_early:
         epoch = state.epoch + 1
         start = time.perf_counter()
@@ -71,17 +72,17 @@ def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train
         logits, labels = evaluate.logits_of(feed.net, feed.loaders["val"], feed.inputs)
         val = evaluate.compute_metrics(logits, labels, run_dir.classes)
         train.step_epoch_scheduler(opt.schedule, {"val_loss": val["loss"], "val_acc": val["accuracy"]})
-        seconds = time.perf_counter() - start
-        row = train.epoch_row(epoch, fit_metrics, val, lr, seconds)
+        row = train.epoch_row(epoch, fit_metrics, val, lr)
         is_best, stop = monitor.update(epoch, row[exp.train.select_best])
         state.epoch, state.stopped_early = epoch, stop and epoch < exp.train.epochs
         state.history.append(row)
-        state.train_seconds += seconds
         if is_best:
             run_dir.save(BEST, feed.model, state)
         run_dir.save(LAST, feed.model, state, opt)
         report.write_history(run_dir.path / "history.csv", state.history)
-        tqdm.write(report.summary_line(epoch, exp.train.epochs, row, is_best), file=sys.stderr)
+        seconds = time.perf_counter() - start
+        timings.record(run_dir.path, epoch, seconds)
+        tqdm.write(report.summary_line(epoch, exp.train.epochs, row, seconds, is_best), file=sys.stderr)
         if state.stopped_early:
             tqdm.write(f"early stopping: no improvement in {monitor.patience} epochs", file=sys.stderr)
 
@@ -99,6 +100,8 @@ def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[st
             continue
         logits, labels = evaluate.logits_of(feed.net, feed.loaders[split], feed.inputs)
         results[split] = evaluate.compute_metrics(logits, labels, classes)
+        images = feed.loaders[split].dataset.split
+        report.write_predictions(path / f"predictions_{split}.csv", images.relative_paths(), logits, labels, classes)
         reports.append(f"== {split} ==\n{evaluate.text_report(logits, labels, classes)}")
         report.plot_confusion(path / f"confusion_matrix_{split}.png", results[split]["confusion_matrix"], classes, f"{exp.name}: {split}")
     results |= {
@@ -106,7 +109,6 @@ def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[st
         "select_best": exp.train.select_best,
         "epochs_run": state.epoch,
         "stopped_early": state.stopped_early,
-        "train_seconds": round(state.train_seconds, 3),
         "feature_cache": feed.feature_cache,
     }
     checkpoint.atomic_write(path / "classification_report.txt", "\n".join(reports))
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> int:
-        exp = config.load(args.experiment)
+        exp = config.load(args.experiment, check_paths=True)
         if args.dry_run:
             print(config.to_toml(exp.model_copy(update={"device": runtime.resolve_device(exp.device).type})), end="")
             return 0

@@ -9,8 +9,11 @@ exactly the bits the uninterrupted one would have had.
 
 from __future__ import annotations
 
+import datetime
+import json
+import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,13 @@ import torch
 from torch import nn
 
 import imgcls
-from imgcls import checkpoint, config, runtime, train
+from imgcls import checkpoint, config, report, runtime, train
 from imgcls.errors import CheckpointError, UserError
 
 BEST, LAST = "best.safetensors", "last.safetensors"
+# The one result file that differs between identical runs: wall-clock facts. Every other file a
+# run writes is a function of (experiment, data, seed, machine) and byte-identical across runs.
+TIMINGS = "timings.json"
 
 
 def prepare(exp: config.Experiment, resume: bool) -> Path:
@@ -123,3 +129,26 @@ class RunDir:
         runtime.set_rng_state(saved.rng, record.rng_scalars, device)
         print(f"resuming {self.path} after epoch {record.loop.epoch}", file=sys.stderr)
         return record.loop
+
+
+@dataclass
+class Timings:
+    """When and where a run ran, and how long each epoch took (timings.json)."""
+
+    started: str
+    host: str
+    epoch_seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, run_dir: Path) -> Timings:
+        """Continue the timings a resumed run already has, or start new ones."""
+        try:
+            saved = json.loads((run_dir / TIMINGS).read_text())
+            return cls(saved["started"], saved["host"], saved["epoch_seconds"])
+        except (OSError, ValueError, KeyError, TypeError):  # absent, or cut off by a kill: timings are not results
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            return cls(now, socket.gethostname())
+
+    def record(self, run_dir: Path, epoch: int, seconds: float) -> None:
+        self.epoch_seconds[str(epoch)] = round(seconds, 3)
+        report.write_json(run_dir / TIMINGS, asdict(self) | {"train_seconds": round(sum(self.epoch_seconds.values()), 3)})

@@ -125,7 +125,7 @@ def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, D
         in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, False, 0, exp.seed)
         features = cache_features(model.backbone, in_order, inputs)
         batch = exp.data.batch_size if split_name == "train" else exp.data.eval_batch_size
-        features_set = data.FeatureSet(features, loader.dataset.split.labels)
+        features_set = data.FeatureSet(features, loader.dataset.split)
         cached[split_name] = data.make_loader(features_set, batch, split_name == "train", 0, exp.seed)
     to_device = runtime.Inputs(lambda features: features.to(device, non_blocking=True), device, inputs.precision)
     return Feed(model, model.head, to_device, cached, feature_cache=True)
@@ -205,7 +205,6 @@ class LoopState:
     epoch: int = 0  # epochs completed
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
-    train_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -263,7 +262,7 @@ def step_epoch_scheduler(schedule: Schedule, metrics: dict[str, float]) -> None:
         schedule.scheduler.step()
 
 
-def epoch_row(epoch: int, train: dict[str, float], val: dict[str, float], lr: float, seconds: float) -> dict[str, float]:
+def epoch_row(epoch: int, train: dict[str, float], val: dict[str, float], lr: float) -> dict[str, float]:
     return {
         "epoch": epoch,
         "train_loss": train["train_loss"],
@@ -271,5 +270,4 @@ def epoch_row(epoch: int, train: dict[str, float], val: dict[str, float], lr: fl
         "val_loss": val["loss"],
         "val_acc": val["accuracy"],
         "lr": lr,
-        "seconds": seconds,
     }
