@@ -1,23 +1,30 @@
-"""The experiment schema: what it accepts, what it refuses, and how it says so."""
+"""imgcls.config, the experiment schema: what it accepts, what it refuses and how it says so. Every
+problem is reported at once, by key path, before any image is read or anything is written."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 
-from imgcls import config
+from imgcls import config, run
 from imgcls.errors import ConfigError
+
+from .fixtures import TINY, cli, experiment, make_data
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"name": "x", "data": {"train_dir": "a", "val_dir": "b"}, "model": {"arch": "scratch_cnn"}}
 
 
 def problems(data: dict) -> list[str]:
+    """The problems config.validate finds in an experiment given as a dict."""
     with pytest.raises(ConfigError) as info:
         config.validate(data)
     return info.value.problems
@@ -34,6 +41,31 @@ def with_(path: str, value) -> dict:
     return data
 
 
+def problems_of(text: str, source: str = "exp.toml") -> list[str]:
+    """The problems config.loads finds in an experiment given as TOML text."""
+    with pytest.raises(ConfigError) as info:
+        config.loads(text, source)
+    return info.value.problems
+
+
+def toml_with(**sections) -> str:
+    """TINY as TOML text, with each section's keys updated (or a top-level key set)."""
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    return tomli_w.dumps(cfg)
+
+
+def snapshot(folder) -> set[str]:
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files}
+
+
+# --------------------------------------------------------------------------- shipped experiments
+
+
 @pytest.mark.parametrize("path", sorted(ROOT.glob("experiments/**/*.toml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_validates_and_round_trips(path):
     exp = config.load(path)
@@ -45,9 +77,12 @@ def test_shipped_experiments_exist():
     assert {"scratch_cnn", "resnet18_frozen", "resnet18_finetune"} <= names
 
 
-def test_unknown_key_names_its_path_and_the_nearest_valid_key():
-    (p,) = problems(with_("data.batch_sise", 3))
-    assert p.startswith("data.batch_sise:") and "'batch_size'" in p
+# ----------------------------------------------------------------------------------- case 1
+
+
+def test_misspelled_key_names_its_path_and_the_nearest_valid_key():
+    text = toml_with(data={"batch_sise": 8})
+    assert problems_of(text) == ["data.batch_sise: unknown key; did you mean 'batch_size'?"]
 
 
 def test_unknown_key_in_a_list_of_variants_drops_the_union_tag():
@@ -56,42 +91,97 @@ def test_unknown_key_in_a_list_of_variants_drops_the_union_tag():
     assert p.startswith("augment[0].pp:") and "'p'" in p
 
 
-@pytest.mark.parametrize(
-    "path, value",
-    [("data.batch_size", True), ("seed", "42"), ("optimizer.lr", "1e-3"), ("data.image_size", 3.5)],
-)
-def test_wrong_types_are_refused_per_field(path, value):
-    data = with_(path, value)
-    if path.startswith("optimizer"):
-        data["optimizer"]["name"] = "adam"
-    (p,) = problems(data)
-    assert p.startswith(f"{path}:")
+def test_unknown_variant_names_the_discriminator():
+    (p,) = problems(dict(MINIMAL, scheduler={"name": "exponential"}))
+    assert p.startswith("scheduler.name:") and "'cosine'" in p
 
 
-def test_resnet_freeze_flag_must_be_a_boolean():
-    (p,) = problems(dict(MINIMAL, model={"arch": "resnet18", "freeze_backbone": "yes"}))
-    assert p.startswith("model.freeze_backbone:")
+def test_missing_required_key_is_named():
+    cfg = dict(TINY, data={k: v for k, v in TINY["data"].items() if k != "val_dir"})
+    assert problems_of(tomli_w.dumps(cfg)) == ["data.val_dir: required key is missing"]
 
 
-def test_integer_learning_rate_is_a_number():
-    exp = config.validate(dict(MINIMAL, optimizer={"name": "adam", "lr": 1}))
-    assert exp.optimizer.lr == 1.0
+def test_a_missing_section_is_named_beside_a_missing_key():
+    found = problems({"name": "x", "data": {"train_dir": "a"}})
+    assert {p.split(":")[0] for p in found} == {"data.val_dir", "model"}
 
 
-def test_all_problems_are_reported_at_once():
+def test_all_problems_come_in_one_report():
+    cfg = dict(TINY, seedd=1, data={k: v for k, v in TINY["data"].items() if k != "train_dir"})
+    cfg["optimizer"] = {"name": "sgd", "lr": "0.1", "momentun": 0.9}
+    found = problems_of(tomli_w.dumps(cfg))
+    assert len(found) == 4, found
+    for key in ("seedd", "data.train_dir", "optimizer.lr", "optimizer.momentun"):
+        assert any(p.startswith(f"{key}: ") for p in found), (key, found)
+    assert any("did you mean 'momentum'" in p for p in found)
+
+
+def test_out_of_range_values_and_unknown_keys_come_in_one_report():
     data = dict(MINIMAL, seed=-1, data={"train_dir": "a", "val_dir": "b", "batch_size": 0, "colour": 1})
     found = problems(data)
     assert {p.split(":")[0] for p in found} == {"seed", "data.batch_size", "data.colour"}
 
 
-def test_missing_required_keys_are_named():
-    found = problems({"name": "x", "data": {"train_dir": "a"}})
-    assert {p.split(":")[0] for p in found} == {"data.val_dir", "model"}
+# ----------------------------------------------------------------------------------- case 2
 
 
-def test_unknown_variant_names_the_discriminator():
-    (p,) = problems(dict(MINIMAL, scheduler={"name": "exponential"}))
-    assert p.startswith("scheduler.name:") and "'cosine'" in p
+@pytest.mark.parametrize(
+    "sections, key",
+    [
+        ({"data": {"batch_size": True}}, "data.batch_size"),
+        ({"seed": "42"}, "seed"),
+        ({"optimizer": {"name": "sgd", "lr": "1e-3"}}, "optimizer.lr"),
+        ({"model": {"arch": "resnet18", "weights": "none", "freeze_backbone": "yes"}}, "model.freeze_backbone"),
+        ({"data": {"train_dir": 5}}, "data.train_dir"),
+        ({"data": {"image_size": 3.5}}, "data.image_size"),
+    ],
+)
+def test_wrong_types_are_refused_per_field(sections, key):
+    if "model" in sections:  # a different variant: replace the whole table, not merge into scratch_cnn's
+        text = tomli_w.dumps(dict(TINY, **sections))
+    else:
+        text = toml_with(**sections)
+    found = problems_of(text)
+    assert len(found) == 1 and found[0].startswith(f"{key}: "), found
+
+
+def test_integer_learning_rate_and_string_paths_are_fine():
+    exp = config.loads(toml_with(optimizer={"name": "sgd", "lr": 1}, data={"train_dir": "some where/train"}))
+    assert exp.optimizer.lr == 1.0 and isinstance(exp.optimizer.lr, float)
+    assert exp.data.train_dir == "some where/train"
+
+
+# ----------------------------------------------------------------------------------- case 3
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ('name = "a"\nseed = 1\nseed = 2\n', 3),  # duplicate key
+        ('name = "a"\n\n[data\ntrain_dir = "x"\n', 3),  # unclosed table header
+        ('name = "a"\n[data]\n\ntrain_dir = "data/tr\nval_dir = "v"\n', 4),  # unterminated string
+    ],
+    ids=["duplicate-key", "unclosed-table", "unterminated-string"],
+)
+def test_malformed_toml_gives_file_line_and_column(tmp_path, monkeypatch, capsys, text, line):
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    where = re.search(r"line (\d+), column (\d+)", message)
+    assert where, message
+    assert int(where[1]) == line
+    assert 1 <= int(where[2]) <= len(text.splitlines()[line - 1]) + 1
+    monkeypatch.chdir(tmp_path)
+    assert run.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["broken.toml"]
+
+
+# ----------------------------------------------------------------------------------- case 4
 
 
 @pytest.mark.parametrize(
@@ -118,6 +208,74 @@ def test_cross_field_problems_are_listed_one_per_line():
     assert [p.split(" ")[0] for p in found] == ["data.image_size", "early_stopping.monitor"]
 
 
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"optimizer": {"lr": 0}}, "optimizer.lr"),
+        ({"optimizer": {"lr": -0.1}}, "optimizer.lr"),
+        ({"optimizer": {"momentum": 1.0}}, "optimizer.momentum"),
+        ({"data": {"val_dir": "./data/train/"}}, "data"),
+        ({"data": {"val_dir": "data/missing"}}, "data.val_dir"),
+        ({"data": {"num_workers": -1}}, "data.num_workers"),
+        ({"model": {"channels": [8, 8, 8, 8, 8]}}, "data.image_size"),
+    ],
+    ids=["lr-zero", "lr-negative", "momentum-one", "same-folder", "missing-folder", "negative-workers", "image-too-small"],
+)
+def test_impossible_values_stop_the_run_before_any_image_is_read(tmp_path, monkeypatch, capsys, overrides, key):
+    make_data(tmp_path)
+    exp_path = experiment(tmp_path, overrides)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an image was read before the experiment was checked")
+
+    monkeypatch.setattr("imgcls.data.decode", no_reading)
+    monkeypatch.setattr("imgcls.data.scan_classes", no_reading)
+    assert run.main([str(exp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before  # nothing written: no run directory, no result file
+
+
+def test_the_same_folder_through_a_link_is_refused(tmp_path, monkeypatch, capsys):
+    make_data(tmp_path)
+    os.symlink(tmp_path / "data" / "train", tmp_path / "data" / "again")
+    exp_path = experiment(tmp_path, {"data": {"val_dir": "data/again"}})
+    monkeypatch.chdir(tmp_path)
+    assert run.main([str(exp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "data.val_dir and data.train_dir are the same folder" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_command_line_reports_config_errors_with_exit_code_2_and_no_traceback(tmp_path):
+    """Through `python -m imgcls.run`: a schema error and a missing folder (the two stages that check
+    an experiment), run side by side to share the start-up cost; the in-process tests cover the rest."""
+    make_data(tmp_path)
+    cases = {
+        "schema": (experiment(tmp_path, {"data": {"batch_sise": 8, "val_dir": None}, "seed": "42"}, "keys.toml"),
+                   ["keys.toml: 3 problems", "data.batch_sise", "did you mean 'batch_size'",
+                    "data.val_dir: required key is missing", "seed: "]),
+        "folder": (experiment(tmp_path, {"data": {"val_dir": "data/nowhere"}}, "folder.toml"),
+                   ["data.val_dir", "data/nowhere", "does not exist"]),
+    }
+    before = snapshot(tmp_path)
+    procs = {name: cli("run", str(path), cwd=tmp_path) for name, (path, _) in cases.items()}
+    deadline = time.monotonic() + 240
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+        assert proc.returncode == 2, (name, err)
+        assert "Traceback" not in err, (name, err)
+        for needle in cases[name][1]:
+            assert needle in err, (name, needle, err)
+    assert snapshot(tmp_path) == before  # nothing written: no run directory, no result file
+
+
+# ------------------------------------------------------------------------ the resolved experiment
+
+
 def test_resolved_config_fills_every_default_and_round_trips():
     exp = config.validate(MINIMAL)
     text = config.to_toml(exp)
@@ -137,11 +295,3 @@ def test_readme_reference_matches_the_schema():
     assert start in readme, "README.md lacks the generated reference section"
     section = readme.split(start, 1)[1].split(end, 1)[0]
     assert section == config.reference(), "README reference is stale: run `make reference` and paste it"
-
-
-def test_malformed_toml_gives_line_and_column(tmp_path):
-    path = tmp_path / "bad.toml"
-    path.write_text('name = "x"\nname = "y"\n')
-    with pytest.raises(ConfigError) as info:
-        config.load(path)
-    assert str(path) in str(info.value) and "line 2" in str(info.value)

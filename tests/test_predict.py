@@ -1,4 +1,5 @@
-"""Hostile inputs to predict: every bad file gets its own error line, the good ones are still classified."""
+"""imgcls.predict on hostile inputs: every bad file gets its own error line, the good ones are still
+classified; decoding runs ahead of the model in order and within a bounded window."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from PIL import EpsImagePlugin, Image
 from imgcls import data
 from imgcls.errors import DataError
 
-from .tiny_data import bomb_png, cli, cli_env, image_array, train_tiny
+from .fixtures import bomb_png, cli, cli_env, image_array, train_tiny
 
 EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
 %%BoundingBox: 0 0 16 16

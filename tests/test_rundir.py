@@ -1,7 +1,9 @@
-"""Interrupted runs: crashes, kill -9, Ctrl-C, SIGTERM, a full disk and NaNs; resume is bit-identical.
+"""imgcls.rundir: interrupted runs (crashes, kill -9, Ctrl-C, SIGTERM, a full disk, NaNs) and
+`--resume`, which is bit-identical, refuses a changed experiment or a foreign or pickled last
+checkpoint, and never overwrites a finished run.
 
-Every test compares against one uninterrupted run of the tiny experiment: the model tensors of
-best and last, metrics.json and history.csv, minus the wall-clock fields.
+The resumed runs are compared against one uninterrupted run of the tiny experiment: the model
+tensors of best and last, metrics.json and history.csv, minus the wall-clock fields.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from imgcls import checkpoint as ckpt_io
 from imgcls import config, report, run
 from imgcls.errors import UserError
 
-from .tiny_data import checkpoint_epoch, cli_env, experiment, fingerprint, make_data
+from .fixtures import checkpoint_epoch, cli_env, experiment, fingerprint, make_data
 
 EPOCHS, STEPS = 3, 4  # the tiny experiment: 16 training images in batches of 4
 
@@ -190,6 +192,31 @@ def test_a_last_checkpoint_from_another_experiment_is_refused(data_dir, tmp_path
     shutil.copy(data_dir / "runs" / "other" / "last.safetensors", data_dir / "runs" / name / "last.safetensors")
     with pytest.raises(UserError, match=r"saved by a different experiment:\n  - name: \"other\" \(checkpoint\) vs \"swapped\""):
         start(data_dir, name, resume=True)
+
+
+# ------------------------------------------------------------------------------ case 12: pickles
+
+
+@pytest.mark.parametrize("force_unsafe", [False, True], ids=["default", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
+def test_resume_refuses_a_pickled_last_checkpoint_without_running_it(
+    trained, hostile, tmp_path, monkeypatch, capsys, force_unsafe
+):
+    base, exp_path, run_dir = trained
+    files, marker = hostile
+    if force_unsafe:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    for name in ("pickle.safetensors", "zip.safetensors"):
+        unfinished = tmp_path / "runs" / "tiny"
+        shutil.rmtree(unfinished, ignore_errors=True)
+        unfinished.mkdir(parents=True)
+        shutil.copy(run_dir / "config.toml", unfinished)
+        shutil.copy(files[name], unfinished / "last.safetensors")
+        resumed = experiment(base, {"output": {"root": str(tmp_path / "runs")}, "train": {"epochs": 1}}, "resume.toml")
+        monkeypatch.chdir(base)
+        assert run.main([str(resumed), "--resume", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "last.safetensors: not a readable safetensors file" in err and "Traceback" not in err, err
+        assert not marker.exists(), f"{name}: the payload ran"
 
 
 # ------------------------------------------------------------------------------- cases 15, 18

@@ -1,4 +1,5 @@
-"""The whole path a user walks: run an experiment, then evaluate and predict with its checkpoint."""
+"""imgcls.run end to end, the whole path a user walks: run an experiment through the command line,
+then evaluate and predict with its checkpoint; `--dry-run` and a finished run that is never overwritten."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 from imgcls import config
 from imgcls.evaluate import load_for_inference, split_logits
 
-from .helpers import make_split, tiny_experiment
+from .fixtures import experiment, make_shapes_data, shapes_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +26,9 @@ def imgcls(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-
     root = tmp_path_factory.mktemp("e2e")
-    data = root / "data"
-    make_split(data / "train", per_class=12, size=40, seed=1)
-    make_split(data / "val", per_class=4, size=40, seed=2)
-    make_split(data / "test", per_class=4, size=40, seed=3)
-    exp = root / "tiny.toml"
-    exp.write_text(tiny_experiment(data, root / "runs", epochs=4))
+    data = make_shapes_data(root)
+    exp = experiment(root, shapes_overrides(data, root / "runs", epochs=4), "tiny.toml")
     result = imgcls("imgcls.run", str(exp), cwd=root)
     assert result.returncode == 0, result.stderr
     return root, exp, root / "runs" / "tiny", result
@@ -130,8 +126,7 @@ def test_a_finished_run_is_never_overwritten(finished_run):
 
 
 def test_dry_run_reads_no_images(tmp_path):
-    exp = tmp_path / "e.toml"
-    exp.write_text(tiny_experiment(tmp_path / "nowhere", tmp_path / "runs"))
+    exp = experiment(tmp_path, shapes_overrides(tmp_path / "nowhere", tmp_path / "runs"), "e.toml")
     result = imgcls("imgcls.run", str(exp), "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert config.loads(result.stdout).name == "tiny"

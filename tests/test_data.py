@@ -1,4 +1,6 @@
-"""Bad data: the preflight scan finds junk, holes, corrupt files, odd colour modes, leaks and link loops."""
+"""imgcls.data: the preflight scan finds junk, holes, corrupt files, odd colour modes, leaks and link
+loops; every path decodes the same pixels; loader workers and the batched transform path do not
+change a result."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from imgcls import config, data, evaluate, models, predict, run
+from imgcls import checkpoint, config, data, evaluate, models, predict, run, rundir
 from imgcls.errors import DataError
 
-from .tiny_data import CLASSES, bomb_png, experiment, image_array, make_data, make_split
+from .fixtures import CLASSES, bomb_png, experiment, image_array, make_cue_data, make_data, make_split
 
 
 def data_cfg(base, **overrides) -> config.DataConfig:
@@ -358,3 +360,73 @@ def test_animated_images_folders_named_like_images_and_broken_links_are_bad_file
     for path in listed:
         with pytest.raises(DataError, match=re.escape(f"{path}: {reasons[os.path.basename(path)]}")):
             data.decode(path, 16)
+
+
+# ------------------------------------------------------------- loader workers and the batched path
+
+
+def _run(tmp_path, name: str, **overrides) -> tuple[dict, dict[str, torch.Tensor]]:
+    exp = {
+        "name": name,
+        "device": "cpu",
+        "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"), "image_size": 32,
+                 "batch_size": 4, "eval_batch_size": 8},
+        "augment": [{"op": "random_resized_crop", "scale": [0.5, 1.0]}, {"op": "horizontal_flip"}],
+        "model": {"arch": "scratch_cnn", "channels": [4, 8], "hidden": 8, "batch_norm": True},
+        "train": {"epochs": 2},
+        "output": {"root": str(tmp_path / "runs")},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            exp[section] = {**exp.get(section, {}), field: value}
+        else:
+            exp[section] = value
+    results = run.run(config.validate(exp), progress=False)
+    return results, checkpoint.load(tmp_path / "runs" / name / rundir.LAST).model
+
+
+PER_IMAGE = [{"op": "random_resized_crop", "scale": [0.5, 1.0]}, {"op": "horizontal_flip"}]
+BATCHED = [{"op": "random_crop", "padding": 4, "padding_mode": "reflect"}, {"op": "horizontal_flip"}]
+
+
+def _workers_agree(tmp_path, augment: list) -> None:
+    serial, serial_weights = _run(tmp_path, "w0", data__num_workers=0, augment=augment)
+    parallel, parallel_weights = _run(tmp_path, "w2", data__num_workers=2, augment=augment)
+    assert serial_weights.keys() == parallel_weights.keys()
+    for key in serial_weights:
+        assert torch.equal(serial_weights[key], parallel_weights[key]), key
+    assert serial["val"]["loss"] == parallel["val"]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("augment, batched", [(PER_IMAGE, False), (BATCHED, True)], ids=["per_image", "batched"])
+def test_num_workers_do_not_change_bits(tmp_path, augment, batched):
+    """Each sample's augmentation is drawn from (seed, epoch, index): who loads it cannot matter,
+    on the per-image (transforms v2) path and on the batched path alike."""
+    make_cue_data(tmp_path)
+    exp = config.validate({"name": "x", "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"),
+                           "image_size": 32}, "augment": augment, "model": {"arch": "scratch_cnn"}})
+    transform = data.build_loaders(exp, data.prepare(exp.data, progress=False))["train"].dataset.transform
+    assert isinstance(transform, data.BatchAugment) == batched
+    _workers_agree(tmp_path, augment)
+
+
+@pytest.mark.slow
+def test_workers_check_catches_batched_draws_from_the_process_rng(tmp_path, monkeypatch):
+    """Broken variant: the batched path's draws taken from the loading process's RNG, which each
+    worker seeds differently."""
+    make_cue_data(tmp_path)
+    monkeypatch.setattr(data, "sample_uniforms", lambda seed, epoch, indices, stream: torch.rand(len(indices), dtype=torch.float64))
+    with pytest.raises(AssertionError):
+        _workers_agree(tmp_path, BATCHED)
+
+
+def test_the_batched_path_needs_batchable_ops_and_one_image_size():
+    same = [torch.zeros(3, 40, 48, dtype=torch.uint8)] * 3
+    mixed = same + [torch.zeros(3, 48, 40, dtype=torch.uint8)]
+    flip, jitter = config.HorizontalFlip(op="horizontal_flip"), config.ColorJitter(op="color_jitter", brightness=0.2)
+    assert isinstance(data.split_transform([flip], 32, same), data.BatchAugment)
+    assert isinstance(data.split_transform([], 32, same), data.BatchAugment)
+    assert not isinstance(data.split_transform([flip], 32, mixed), data.BatchAugment)
+    assert not isinstance(data.split_transform([flip, jitter], 32, same), data.BatchAugment)
