@@ -118,13 +118,12 @@ def tiny_experiment(data_root: Path, out_root: Path, name: str, **sections: Any)
 
 
 def run_outputs(run_dir: Path) -> dict[str, Any]:
-    """What a run must reproduce bit for bit: weight bytes, metrics, history (wall-clock times left out)."""
+    """What a run must reproduce bit for bit: weight bytes, metrics, history (none holds a wall-clock time)."""
     weights = {}
     for name in ("best.safetensors", "last.safetensors"):
         saved = checkpoint.load(run_dir / name)
         weights[name] = {k: v.numpy().tobytes() for k, v in saved.model.items()}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics.pop("train_seconds")
     with open(run_dir / "history.csv", newline="") as f:
-        history = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+        history = list(csv.DictReader(f))
     return {"weights": weights, "metrics": metrics, "history": history}

@@ -224,7 +224,8 @@ def checkpoint_epoch(path: Path) -> int:
 
 
 def fingerprint(run_dir: Path) -> dict[str, Any]:
-    """What an exact resume must reproduce: weight bytes of best and last, and every non-timing result."""
+    """What an exact resume must reproduce: weight bytes of best and last, metrics.json and history.csv
+    byte for byte (they hold no wall-clock time; that is timings.json's)."""
     from safetensors.torch import load_file
 
     out: dict[str, Any] = {}
@@ -234,12 +235,8 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
         for key in sorted(k for k in tensors if k.startswith("model.")):
             h.update(key.encode() + tensors[key].numpy().tobytes())
         out[name] = h.hexdigest()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics.pop("train_seconds")  # wall-clock time, the one field that may differ
-    out["metrics.json"] = metrics
-    rows = (run_dir / "history.csv").read_text().splitlines()
-    seconds = rows[0].split(",").index("seconds")
-    out["history.csv"] = [[v for i, v in enumerate(r.split(",")) if i != seconds] for r in rows]
+    out["metrics.json"] = (run_dir / "metrics.json").read_text()
+    out["history.csv"] = (run_dir / "history.csv").read_text()
     return out
 
 

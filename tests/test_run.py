@@ -126,11 +126,26 @@ def test_a_finished_run_is_never_overwritten(finished_run):
 
 
 def test_dry_run_reads_no_images(tmp_path):
-    exp = experiment(tmp_path, shapes_overrides(tmp_path / "nowhere", tmp_path / "runs"), "e.toml")
+    data = make_shapes_data(tmp_path)
+    for image in data.rglob("*.png"):
+        image.write_bytes(b"not an image: a dry run never decodes")
+    exp = experiment(tmp_path, shapes_overrides(data, tmp_path / "runs"), "e.toml")
     result = imgcls("imgcls.run", str(exp), "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert config.loads(result.stdout).name == "tiny"
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_and_config_check_report_every_path_problem_with_the_schema_problems(tmp_path):
+    """Missing folders are found before a run starts, in the same report as the schema's problems."""
+    overrides = shapes_overrides(tmp_path / "nowhere", tmp_path / "runs")
+    exp = experiment(tmp_path, overrides | {"data": overrides["data"] | {"batch_size": 0}}, "e.toml")
+    for command in (["imgcls.run", str(exp), "--dry-run"], ["imgcls.config", str(exp)]):
+        result = imgcls(*command, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "4 problems" in result.stderr, result.stderr
+        for key in ("data.batch_size", "data.train_dir", "data.val_dir", "data.test_dir"):
+            assert f"  - {key}: " in result.stderr, (key, result.stderr)
 
 
 def test_preflight_records_which_path_transforms_each_split(finished_run):
