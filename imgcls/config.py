@@ -72,7 +72,12 @@ class DataConfig(Section):
         "fail", description='unreadable images: "fail" stops before training, "skip" leaves them out (listed either way)'
     )
     leakage: Literal["warn", "fail"] = Field(
-        "warn", description="byte-identical files shared between train and val/test: warn, or fail the run"
+        "warn",
+        description="copies of training images in val/test (byte-identical, or re-encoded/resized: perceptual "
+        "hash within a few bits): warn, or fail the run",
+    )
+    label_conflicts: Literal["warn", "fail"] = Field(
+        "warn", description="one photo (byte-identical or perceptually so) under two classes: warn, or fail the run"
     )
 
     @model_validator(mode="after")

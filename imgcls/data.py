@@ -27,7 +27,7 @@ from tqdm import tqdm
 from typing_extensions import assert_never
 
 from imgcls import config as C
-from imgcls import runtime
+from imgcls import provenance, runtime
 from imgcls.errors import DataError
 
 # torchvision's ImageFolder extensions.
@@ -56,6 +56,7 @@ class Split:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     sizes: list[int] = field(default_factory=list)  # bytes of each file, once decoded
     sha256: list[str] = field(default_factory=list)
+    phashes: list[int] = field(default_factory=list)  # perceptual hashes of the decoded images
 
     def relative_paths(self) -> list[str]:
         """Paths relative to the split's folder: what stays the same when the data moves."""
@@ -559,13 +560,29 @@ def prepare(cfg: C.DataConfig, progress: bool = True) -> Data:
             'fix or remove them, or set data.on_bad_image = "skip" to leave them out'
         )
     report["leakage"] = _leakage(splits)
-    if report["leakage"]:
-        message = f"{len(report['leakage'])} file(s) in train are byte-identical to files in val/test"
-        if cfg.leakage == "fail":
-            pairs = "\n".join(f"  - {a} == {b}" for a, b in report["leakage"][:20])
-            raise DataError(f"{message}:\n{pairs}\nremove the copies, or set data.leakage = \"warn\"")
-        report["warnings"].append(message)
+    report["near_duplicates"], report["label_conflicts"] = _near_duplicates(splits, classes)
+    _apply_policy(report, cfg)
     return Data(classes, splits, images, report)
+
+
+def _apply_policy(report: dict, cfg: C.DataConfig) -> None:
+    """Warn about copies across splits and photos under two classes, or fail, as the experiment says."""
+    findings = [
+        ("leakage", cfg.leakage, report["leakage"], "file(s) in train are byte-identical to files in val/test",
+         lambda p: f"{p[0]} == {p[1]}"),
+        ("leakage", cfg.leakage, report["near_duplicates"], "image(s) in val/test look like resized or re-encoded "
+         "copies of training images", lambda p: f"{p['train']} ~ {p['other']} ({p['bits']} bits apart)"),
+        ("label_conflicts", cfg.label_conflicts, report["label_conflicts"], "photo(s) appear under two classes",
+         lambda p: f"{p['a']} ({p['class_a']}) ~ {p['b']} ({p['class_b']})"),
+    ]
+    for key, policy, found, what, show in findings:
+        if not found:
+            continue
+        message = f"{len(found)} {what}"
+        if policy == "fail":
+            listing = "\n".join(f"  - {show(p)}" for p in found[:20])
+            raise DataError(f"{message}:\n{listing}\nremove the copies, or set data.{key} = \"warn\"")
+        report["warnings"].append(message)
 
 
 def decode_split(split: Split, resize_size: int, progress: bool) -> tuple[list[torch.Tensor], list[str]]:
@@ -583,9 +600,27 @@ def decode_split(split: Split, resize_size: int, progress: bool) -> tuple[list[t
     split.labels = [label for _, label, _ in kept]
     split.sizes = [r.size for _, _, r in kept]
     split.sha256 = [r.sha256 for _, _, r in kept]
+    split.phashes = [provenance.perceptual_hash(r.image) for _, _, r in kept]
     if not split.paths:
         raise DataError(f"{split.root}: no readable images in the {split.name} split")
     return [r.image for _, _, r in kept], failures
+
+
+def _near_duplicates(splits: dict[str, Split], classes: list[str]) -> tuple[list[dict], list[dict]]:
+    """Pairs of images within provenance.NEAR_DUPLICATE_BITS of each other, compared against train:
+    a copy in val/test that is not byte-identical (leakage), and one photo under two classes
+    (a conflict, within train or across splits)."""
+    train, leaks, conflicts = splits["train"], [], []
+    for name, split in splits.items():
+        for i, j, bits in provenance.near_duplicates(train.phashes, split.phashes, provenance.NEAR_DUPLICATE_BITS):
+            if name == "train" and i >= j:
+                continue  # each pair once, and never an image with itself
+            if train.labels[i] != split.labels[j]:
+                conflicts.append({"a": train.paths[i], "class_a": classes[train.labels[i]], "b": split.paths[j],
+                                  "class_b": classes[split.labels[j]], "bits": bits})
+            elif name != "train" and train.sha256[i] != split.sha256[j]:
+                leaks.append({"train": train.paths[i], "other": split.paths[j], "bits": bits})
+    return leaks, conflicts
 
 
 def _leakage(splits: dict[str, Split]) -> list[tuple[str, str]]:

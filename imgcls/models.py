@@ -5,6 +5,7 @@ Models return logits (no softmax): CrossEntropyLoss applies log_softmax itself.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -105,6 +106,28 @@ def untrained(cfg: C.Model) -> C.Model:
 
 
 # ------------------------------------------------------------------------------------- weights
+
+
+def weights_identity(cfg: C.Model) -> dict[str, str | None]:
+    """What a run's starting weights were, for its manifest: none, torchvision's named ImageNet
+    weights (whose file name carries the first hex digits of its SHA-256, which torch.hub checks),
+    or a local file and its SHA-256."""
+    match cfg:
+        case C.ScratchCNN():
+            return {"source": "none"}
+        case C.ResNet18(weights="none"):
+            return {"source": "none"}
+        case C.ResNet18(weights="imagenet"):
+            from torchvision.models import ResNet18_Weights
+
+            weights = ResNet18_Weights.IMAGENET1K_V1
+            return {"source": "torchvision", "name": str(weights), "url": weights.url}
+        case C.ResNet18(weights=path):
+            with open(path, "rb") as f:
+                return {"source": "file", "path": path, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        case _:
+            assert_never(cfg)
+
 
 
 def imagenet_resnet18_state() -> dict[str, torch.Tensor]:

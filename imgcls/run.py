@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imgcls import checkpoint, config, data, evaluate, models, report, runtime, train
+from imgcls import checkpoint, config, data, evaluate, models, report, rundir, runtime, train
 from imgcls.errors import ConfigError, UserError, guarded
 from imgcls.rundir import BEST, LAST, RunDir, Timings, prepare
 
@@ -43,9 +43,12 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
     loaders = data.build_loaders(exp, dataset)
     dataset.report["transforms"] = data.transform_paths(loaders)
     report.print_preflight(dataset.report)
+    inputs = rundir.manifest(exp, dataset)
+    if resume:
+        rundir.refuse_other_inputs(run_path, inputs)
     report.write_json(run_path / "preflight.json", dataset.report)
+    report.write_json(run_path / rundir.MANIFEST, inputs)
     checkpoint.atomic_write(run_path / "config.toml", config.to_toml(exp))
-    report.write_json(run_path / "env.json", runtime.environment())
 
     run_dir = RunDir(run_path, exp, dataset.classes)
     opt = train.build_optimization(exp, model, len(loaders["train"]))

@@ -9,9 +9,8 @@ exactly the bits the uninterrupted one would have had.
 
 from __future__ import annotations
 
-import datetime
+import hashlib
 import json
-import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,13 +20,14 @@ import torch
 from torch import nn
 
 import imgcls
-from imgcls import checkpoint, config, report, runtime, train
+from imgcls import checkpoint, config, data, models, provenance, report, runtime, train
 from imgcls.errors import CheckpointError, UserError
 
 BEST, LAST = "best.safetensors", "last.safetensors"
 # The one result file that differs between identical runs: wall-clock facts. Every other file a
 # run writes is a function of (experiment, data, seed, machine) and byte-identical across runs.
 TIMINGS = "timings.json"
+MANIFEST = "manifest.json"
 
 
 def prepare(exp: config.Experiment, resume: bool) -> Path:
@@ -66,6 +66,79 @@ def refuse_changes(before: config.Experiment, now: config.Experiment, what: str,
             + "\nRestore those values, or start a new run under another `name`"
         )
     return changed
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+def manifest(exp: config.Experiment, dataset: data.Data) -> dict[str, Any]:
+    """Everything a run depends on besides its experiment: every file of every split (path under
+    the split's folder, class, size, SHA-256), the starting weights, the code and the environment
+    facts that can change bits. Digests name each split and the data as a whole."""
+    splits = {name: _split_manifest(split, dataset.classes) for name, split in dataset.splits.items()}
+    return {
+        "data": {"digest": _digest(f"{name}\t{s['digest']}" for name, s in splits.items()), "splits": splits},
+        "weights": models.weights_identity(exp.model),
+        "code": provenance.code_identity(),
+        "environment": provenance.bit_relevant_environment(),
+    }
+
+
+def _split_manifest(split: data.Split, classes: list[str]) -> dict[str, Any]:
+    files = sorted(
+        ({"path": p, "class": classes[y], "size": n, "sha256": h}
+         for p, y, n, h in zip(split.relative_paths(), split.labels, split.sizes, split.sha256)),
+        key=lambda f: f["path"],
+    )
+    # The folder a split lives in is not part of its digest: moving the data changes no result.
+    digest = _digest(f"{f['path']}\t{f['class']}\t{f['sha256']}" for f in files)
+    return {"root": split.root, "digest": digest, "images": len(files), "files": files}
+
+
+def _digest(lines: Any) -> str:
+    return hashlib.sha256("".join(f"{line}\n" for line in lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def data_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Per split, the files added, removed and changed (content or class) between two manifests."""
+    lines = []
+    for name in dict.fromkeys([*before["data"]["splits"], *now["data"]["splits"]]):
+        a = {f["path"]: f for f in before["data"]["splits"].get(name, {}).get("files", [])}
+        b = {f["path"]: f for f in now["data"]["splits"].get(name, {}).get("files", [])}
+        lines += [f"{name}: added {p}" for p in b if p not in a]
+        lines += [f"{name}: removed {p}" for p in a if p not in b]
+        lines += [
+            f"{name}: changed {p}" + (f" (class {a[p]['class']} -> {b[p]['class']})" if a[p]["class"] != b[p]["class"] else "")
+            for p in a if p in b and a[p] != b[p]
+        ]
+    return lines
+
+
+def refuse_other_inputs(run_dir: Path, now: dict[str, Any]) -> None:
+    """A resume must see the data and starting weights the run started with; code and environment
+    changes are allowed but named, since they can change bits."""
+    try:
+        before = json.loads((run_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        return  # killed before the manifest was written: nothing has trained yet
+    except ValueError:
+        raise UserError(f"{run_dir / MANIFEST}: damaged; delete the run folder and start again") from None
+    problems = data_changes(before, now)
+    if before["weights"] != now["weights"]:
+        problems.append(f"model.weights: {before['weights']} (run) vs {now['weights']} (now)")
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        raise UserError(
+            f"cannot resume {run_dir}: its inputs changed since the run started:\n{shown}\n"
+            "Restore them, or start a new run under another `name`"
+        )
+    for part in ("code", "environment"):
+        if before[part] != now[part]:
+            keys = sorted(k for k in {*before[part], *now[part]} if before[part].get(k) != now[part].get(k))
+            print(f"resuming with a changed {part} ({', '.join(keys)}): later epochs may differ in bits", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
 
 
 @dataclass(frozen=True)
@@ -133,10 +206,9 @@ class RunDir:
 
 @dataclass
 class Timings:
-    """When and where a run ran, and how long each epoch took (timings.json)."""
+    """When, where and how long a run ran (timings.json): what differs between identical runs."""
 
-    started: str
-    host: str
+    machine: dict[str, Any]  # provenance.volatile_environment() at the run's first start
     epoch_seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -144,10 +216,9 @@ class Timings:
         """Continue the timings a resumed run already has, or start new ones."""
         try:
             saved = json.loads((run_dir / TIMINGS).read_text())
-            return cls(saved["started"], saved["host"], saved["epoch_seconds"])
+            return cls(saved["machine"], saved["epoch_seconds"])
         except (OSError, ValueError, KeyError, TypeError):  # absent, or cut off by a kill: timings are not results
-            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            return cls(now, socket.gethostname())
+            return cls(provenance.volatile_environment())
 
     def record(self, run_dir: Path, epoch: int, seconds: float) -> None:
         self.epoch_seconds[str(epoch)] = round(seconds, 3)

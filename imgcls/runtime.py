@@ -127,36 +127,3 @@ def share_batches_by_file() -> None:
     """Loader workers hand batches over as named shared-memory files, not file descriptors: passing
     fds needs a handshake that prints tracebacks from every worker when Ctrl-C or a kill ends the run."""
     torch.multiprocessing.set_sharing_strategy("file_system")
-
-
-# ----------------------------------------------------------------------------------- environment
-
-
-def environment() -> dict[str, Any]:
-    """What a run ran on: versions, machine and threads (env.json)."""
-    import platform
-    import subprocess
-    from pathlib import Path
-
-    import torchvision
-
-    import imgcls
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "imgcls": imgcls.__version__,
-        "git_commit": commit,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }

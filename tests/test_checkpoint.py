@@ -5,6 +5,7 @@ infinite weights."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from imgcls import checkpoint as ckpt_io
 from imgcls import config, predict, run
@@ -221,3 +224,29 @@ def test_non_finite_weights_never_reach_a_checkpoint(tmp_path, bad):
     with pytest.raises(ckpt_io.NonFiniteWeights, match="after epoch 2 \\(w\\)"):
         ckpt_io.save(target, ckpt_io.Checkpoint({"w": weights}, {"epoch": 2}, {}, {}))
     assert torch.equal(ckpt_io.load(target).model["w"], torch.ones(4))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(st.text("abcdefgh._", min_size=1, max_size=12), min_size=2, max_size=30, unique=True))
+def test_a_checkpoint_header_is_written_in_one_order_whatever_the_process(tmp_path, names):
+    """safetensors writes its JSON header from a hash map: without sorting, the key order (and so
+    the file's SHA-256) changed from process to process for the same tensors."""
+    tensors = {name: torch.full((len(name),), float(i)) for i, name in enumerate(names)}
+    path = tmp_path / "c.safetensors"
+    ckpt_io.save(path, ckpt_io.Checkpoint(tensors, {"classes": ["a"], "epoch": 1}, {}, {}))
+    blob = path.read_bytes()
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    assert list(header) == sorted(header) and size % 8 == 0
+    assert {k: torch.equal(v, tensors[k]) for k, v in ckpt_io.load(path).model.items()} == {k: True for k in tensors}
+
+
+def test_saving_one_checkpoint_again_and_again_gives_one_file(tmp_path):
+    """The header's inner metadata map was the one that changed order between saves."""
+    tensors = {f"layer{i}.weight": torch.full((3,), float(i)) for i in range(8)}
+    ckpt = ckpt_io.Checkpoint(tensors, {"classes": ["a", "b"], "epoch": 2}, {"s.0": torch.ones(2)}, {"torch": torch.zeros(4)})
+    digests = set()
+    for i in range(12):
+        ckpt_io.save(tmp_path / f"{i}.safetensors", ckpt)
+        digests.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(digests) == 1

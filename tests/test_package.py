@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "imgcls"
 LAYERS = [
     {"errors"},
     {"config", "stats"},
-    {"runtime", "checkpoint"},
+    {"runtime", "checkpoint", "provenance"},
     {"data", "models", "report", "datasets"},
     {"train"},
     {"evaluate"},

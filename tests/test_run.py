@@ -4,7 +4,9 @@ then evaluate and predict with its checkpoint; `--dry-run` and a finished run th
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from PIL import Image
 from imgcls import config
 from imgcls.evaluate import load_for_inference, split_logits
 
-from .fixtures import experiment, make_shapes_data, shapes_overrides
+from .fixtures import experiment, make_data, make_shapes_data, shapes_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +41,7 @@ def test_run_directory_holds_every_result_file(finished_run):
     for name in (
         "config.toml", "metrics.json", "history.csv", "curves.png", "confusion_matrix_val.png",
         "confusion_matrix_test.png", "classification_report.txt", "best.safetensors", "last.safetensors",
-        "env.json", "preflight.json",
+        "manifest.json", "preflight.json", "timings.json", "predictions_val.csv", "predictions_test.csv",
     ):
         assert (run_dir / name).is_file(), name
     for png in run_dir.glob("*.png"):
@@ -155,3 +157,24 @@ def test_preflight_records_which_path_transforms_each_split(finished_run):
     preflight = json.loads((run_dir / "preflight.json").read_text())
     assert preflight["transforms"] == {"train": "batched", "val": "batched", "test": "batched"}
     assert "train: 36 images, batched transforms" in result.stderr
+
+
+def result_files(run_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir()) if p.name != "timings.json"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_runs_of_one_experiment_write_byte_identical_files(tmp_path, workers):
+    """Everything but timings.json is a function of (experiment, data, seed, machine): two processes
+    running one experiment file on copies of one data set write the same bytes."""
+    hashes = []
+    for copy in ("a", "b"):
+        base = make_data(tmp_path / copy)
+        exp = experiment(base, {"data": {"num_workers": workers, "test_dir": "data/val"} | {"val_dir": "data/val2"}})
+        shutil.copytree(base / "data" / "val", base / "data" / "val2")
+        result = imgcls("imgcls.run", str(exp), cwd=base)
+        assert result.returncode == 0, result.stderr
+        hashes.append(result_files(base / "runs" / "tiny"))
+    assert {"best.safetensors", "last.safetensors", "config.toml", "metrics.json", "history.csv", "manifest.json",
+            "preflight.json", "predictions_val.csv", "predictions_test.csv"} <= hashes[0].keys()
+    assert hashes[0] == hashes[1]

@@ -9,6 +9,7 @@ tensors of best and last, metrics.json and history.csv, minus the wall-clock fie
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import signal
@@ -18,12 +19,16 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from imgcls import checkpoint as ckpt_io
-from imgcls import config, report, run
+from imgcls import config, data, models, report, run, rundir
 from imgcls.errors import UserError
 
 from .fixtures import checkpoint_epoch, cli_env, experiment, fingerprint, make_data
@@ -387,3 +392,60 @@ def test_weights_that_turn_nan_without_a_nan_loss_are_not_saved(data_dir, monkey
     run_dir = data_dir / "runs" / name
     assert ckpt_io.load(run_dir / "last.safetensors").meta["epoch"] == 1
     assert ckpt_io.load(run_dir / "best.safetensors").meta["epoch"] == 1  # the NaN val loss was not best
+
+
+# ----------------------------------------------------------------------------- the run's inputs
+
+
+def manifest_of(base: Path) -> dict:
+    exp = config.load(experiment(base, {"data": {"train_dir": str(base / "data/train"), "val_dir": str(base / "data/val")}}))
+    return rundir.manifest(exp, data.prepare(exp.data, progress=False))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(split=st.sampled_from(["train", "val"]), change=st.sampled_from(["changed", "added", "removed"]),
+       cls=st.sampled_from(["cat", "dog"]), index=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_one_changed_image_changes_its_split_digest_and_no_other(tmp_path_factory, split, change, cls, index, seed):
+    base = make_data(tmp_path_factory.mktemp("manifest"))
+    before = manifest_of(base)
+    folder = base / "data" / split / cls
+    target = {"added": folder / f"new{seed}.png"}.get(change, folder / f"{index}.png")
+    if change == "removed":
+        target.unlink()
+    else:  # an image no generated one equals: random pixels of another seed and size
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (21, 23, 3), dtype=np.uint8)).save(target)
+    now = manifest_of(base)
+    splits = before["data"]["splits"]
+    assert {n for n in splits if splits[n]["digest"] != now["data"]["splits"][n]["digest"]} == {split}
+    assert before["data"]["digest"] != now["data"]["digest"]
+    assert rundir.data_changes(before, now) == [f"{split}: {change} {cls}/{target.name}"]
+
+
+def test_a_manifest_records_every_file_the_weights_the_code_and_the_cpu(tmp_path):
+    found = manifest_of(make_data(tmp_path))
+    train = found["data"]["splits"]["train"]
+    assert train["images"] == 16 and {f["class"] for f in train["files"]} == {"cat", "dog"}
+    first = train["files"][0]
+    assert first["path"] == "cat/0.png" and first["size"] == (tmp_path / "data/train/cat/0.png").stat().st_size
+    assert first["sha256"] == hashlib.sha256((tmp_path / "data/train/cat/0.png").read_bytes()).hexdigest()
+    assert found["weights"] == {"source": "none"}
+    assert set(found["code"]) == {"version", "commit", "dirty"}
+    assert {"torch", "threads", "cpu", "numpy", "pillow"} <= set(found["environment"])
+    assert "flags" in found["environment"]["cpu"] and "model" in found["environment"]["cpu"]
+
+
+def test_resume_refuses_data_changed_since_the_run_started_naming_the_file(tmp_path):
+    base = make_data(tmp_path)
+    crash_run(base, "swapped", resume=False, where=before_checkpoint("last.safetensors", 2))
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(base / "data" / "val" / "dog" / "1.png")
+    with pytest.raises(UserError, match=r"inputs changed since the run started:\n  - val: changed dog/1.png\n"):
+        start(base, "swapped", resume=True)
+
+
+def test_a_local_weights_file_is_recorded_by_its_hash(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(3)}, weights)
+    identity = models.weights_identity(config.ResNet18(arch="resnet18", weights=str(weights)))
+    assert identity == {"source": "file", "path": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
