@@ -282,6 +282,7 @@ def _experiments(draw) -> dict[str, Any]:
         ),
         "on_bad_image": st.sampled_from(["fail", "skip"]),
         "leakage": st.sampled_from(["warn", "fail"]),
+        "label_conflicts": st.sampled_from(["warn", "fail"]),
     }
     for key, strategy in optional.items():
         if draw(st.booleans()):
