@@ -61,7 +61,9 @@ class DataConfig(Section):
         description="shorter side, in pixels, each image is resized to when decoded; evaluation centre-crops "
         "image_size from it (default: image_size * 8/7, torchvision's 256 for 224)",
     )
-    batch_size: int = Field(32, ge=1, description="training images per optimizer step")
+    batch_size: int = Field(
+        32, ge=2, description="training images per optimizer step (at least 2: a batch of one is dropped, BatchNorm cannot train on it)"
+    )
     eval_batch_size: int = Field(128, ge=1, description="images per forward pass when evaluating or predicting")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
     normalize: Literal["imagenet", "half"] | NormalizeStats = Field(

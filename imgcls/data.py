@@ -494,7 +494,14 @@ def make_loader(dataset: ImageSet, batch_size: int, shuffle: bool, num_workers: 
 
 def build_loaders(exp: C.Experiment, dataset: Data) -> dict[str, DataLoader]:
     """One loader per split: train shuffled and augmented, val/test in file order, centre crop only."""
-    return {name: split_loader(exp, split, dataset.images[name]) for name, split in dataset.splits.items()}
+    loaders = {name: split_loader(exp, split, dataset.images[name]) for name, split in dataset.splits.items()}
+    if len(loaders["train"]) == 0:  # a trailing batch of one is dropped (see EpochBatches)
+        raise DataError(
+            f"{len(dataset.splits['train'].paths)} training image(s) in batches of data.batch_size = "
+            f"{exp.data.batch_size} give no optimizer step per epoch (a batch of one image is dropped: "
+            "BatchNorm cannot train on it); add images or raise batch_size"
+        )
+    return loaders
 
 
 def split_loader(exp: C.Experiment, split: Split, images: list[torch.Tensor]) -> DataLoader:
@@ -559,6 +566,7 @@ def prepare(cfg: C.DataConfig, progress: bool = True) -> Data:
             f"{len(bad)} unreadable image(s):\n{listing}\n"
             'fix or remove them, or set data.on_bad_image = "skip" to leave them out'
         )
+    _refuse_untrainable(splits["train"], classes, bool(bad))
     report["leakage"] = _leakage(splits)
     report["near_duplicates"], report["label_conflicts"] = _near_duplicates(splits, classes)
     _apply_policy(report, cfg)
@@ -583,6 +591,18 @@ def _apply_policy(report: dict, cfg: C.DataConfig) -> None:
             listing = "\n".join(f"  - {show(p)}" for p in found[:20])
             raise DataError(f"{message}:\n{listing}\nremove the copies, or set data.{key} = \"warn\"")
         report["warnings"].append(message)
+
+
+def _refuse_untrainable(train: Split, classes: list[str], skipped: bool) -> None:
+    """A classifier needs two classes, each with training images: anything less trains nothing."""
+    if len(classes) < 2:
+        raise DataError(
+            f"{train.root}: only one class folder ({classes[0]!r}); a classifier needs at least two classes"
+        )
+    empty = [c for i, c in enumerate(classes) if i not in set(train.labels)]
+    if empty:
+        why = " after unreadable images were left out" if skipped else ""
+        raise DataError(f"{train.root}: class(es) {empty} have no training images{why}; the model could never predict them")
 
 
 def decode_split(split: Split, resize_size: int, progress: bool) -> tuple[list[torch.Tensor], list[str]]:

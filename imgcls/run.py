@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from imgcls import checkpoint, config, data, evaluate, models, report, rundir, runtime, train
 from imgcls.errors import ConfigError, UserError, guarded
-from imgcls.rundir import BEST, LAST, RunDir, Timings, prepare
+from imgcls.rundir import BEST, LAST, RunDir, Timings
 
 
 def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -29,10 +29,18 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
     problems = config.path_problems(exp.model_dump(mode="json"))
     if problems:
         raise ConfigError("experiment", problems)
-    run_path = prepare(exp, resume)
-    if resume and (run_path / "metrics.json").exists():  # killed after its last write: nothing left to do
-        print(f"{run_path} already holds the finished run", file=sys.stderr)
-        return json.loads((run_path / "metrics.json").read_text())
+    with rundir.claim(exp, resume) as run_path:
+        if resume and (run_path / "metrics.json").exists():  # killed after its last write: nothing left to do
+            print(f"{run_path} already holds the finished run", file=sys.stderr)
+            return json.loads((run_path / "metrics.json").read_text())
+        run_dir, feed, opt, state = setup(exp, run_path, resume, progress)
+        fit(run_dir, feed, opt, state, progress)
+        return finish(run_dir, feed, state)
+
+
+def setup(exp: config.Experiment, run_path: Path, resume: bool, progress: bool) -> tuple[RunDir, train.Feed, train.Optimization, train.LoopState]:
+    """The preflight, the run's inputs recorded, then model, optimizer and loop state (restored on resume)."""
+    device = runtime.resolve_device(exp.device)
     runtime.seed_everything(exp.seed, device)
     runtime.configure_allocator(exp.train.allocator)  # before the first image is decoded: it governs every later block
 
@@ -58,9 +66,7 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
     elif resume:
         print(f"{run_path} holds no finished epoch yet: starting at epoch 1", file=sys.stderr)
     feed = train.build_feed(exp, model, loaders, device)  # after restore: a cache is built from the weights that train on
-
-    fit(run_dir, feed, opt, state, progress)
-    return finish(run_dir, feed, state)
+    return run_dir, feed, opt, state
 
 
 def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train.LoopState, progress: bool) -> None:

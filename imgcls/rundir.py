@@ -9,12 +9,16 @@ exactly the bits the uninterrupted one would have had.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -28,14 +32,47 @@ BEST, LAST = "best.safetensors", "last.safetensors"
 # run writes is a function of (experiment, data, seed, machine) and byte-identical across runs.
 TIMINGS = "timings.json"
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 
 
-def prepare(exp: config.Experiment, resume: bool) -> Path:
-    """Check that the run directory may be (re)used; creates nothing (the first result file does).
+@contextlib.contextmanager
+def claim(exp: config.Experiment, resume: bool) -> Iterator[Path]:
+    """The run directory, locked for this process's life, once its reuse rules allow it.
+
+    One folder, one writer: a second run of the same name, or a --resume while the run is still
+    going, is refused naming the first. The lock is an flock, which the OS drops when the process
+    dies, so a kill -9 never leaves a stale lock.
+    """
+    run_dir = Path(exp.output.root) / exp.name
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{run_dir} is in use by {holder}; wait for it to end, or give this run another `name`") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _check_reuse(run_dir, exp, resume)
+        yield run_dir
+    finally:
+        if created and os.listdir(run_dir) == [LOCK]:  # stopped before writing anything: leave no trace
+            (run_dir / LOCK).unlink()
+            for folder in created:
+                folder.rmdir()
+        os.close(fd)  # releases the lock; the file stays, harmless, for the next run to lock
+
+
+def _check_reuse(run_dir: Path, exp: config.Experiment, resume: bool) -> None:
+    """Refuse to overwrite a run, and refuse a resume that could not continue it exactly.
 
     Leftover temp files of a killed save are deleted here, so they are never mistaken for results.
     """
-    run_dir = Path(exp.output.root) / exp.name
     checkpoint.clean_temp_files(run_dir)
     finished = (run_dir / "metrics.json").exists()
     started = (run_dir / LAST).exists() or (run_dir / "config.toml").exists()
@@ -48,12 +85,31 @@ def prepare(exp: config.Experiment, resume: bool) -> Path:
         raise UserError(
             f"{run_dir} holds an unfinished run. Continue it with --resume, or delete the folder (rm -r {run_dir})"
         )
+    if resume and not finished and not (run_dir / LAST).exists():
+        _refuse_lost_progress(run_dir)
     if resume and (run_dir / "config.toml").exists():
         previous = config.load(run_dir / "config.toml")
         changed = refuse_changes(previous, exp, f"cannot resume {run_dir}: the experiment changed since the run started", "run")
         if changed:
             print(f"resuming with changed {', '.join(changed)} (does not change results)", file=sys.stderr)
-    return run_dir
+
+
+def _refuse_lost_progress(run_dir: Path) -> None:
+    """Without last.safetensors a resume starts at epoch 1, which is right only if no epoch finished.
+
+    A kill between epoch 1's best and last checkpoints leaves best.safetensors of epoch 1 alone;
+    anything more (a history, a later best) means last.safetensors was lost, and starting over
+    would overwrite the run's progress.
+    """
+    progress = [name for name in ("history.csv",) if (run_dir / name).exists()]
+    if (run_dir / BEST).exists() and checkpoint.load(run_dir / BEST).meta.get("epoch", 0) > 1:
+        progress.append(BEST)
+    if progress:
+        raise UserError(
+            f"cannot resume {run_dir}: it holds {' and '.join(progress)} but no {LAST}, so the run cannot continue "
+            f"where it stopped (starting again would overwrite them). Keep the folder as it is and start a new "
+            f"run under another `name`, or delete it (rm -r {run_dir})"
+        )
 
 
 def refuse_changes(before: config.Experiment, now: config.Experiment, what: str, before_name: str) -> list[str]:
@@ -195,6 +251,11 @@ class RunDir:
         saved = checkpoint.load(path)
         record = ResumeRecord.from_meta(saved.meta, path)
         refuse_changes(saved.experiment(path), self.exp, f"{path} was saved by a different experiment", "checkpoint")
+        if saved.classes != self.classes:
+            raise CheckpointError(
+                f"{path} was trained on classes {saved.classes}, but the data now has {self.classes}; "
+                "a class folder was added, removed or renamed since the run started"
+            )
         model.load_state_dict(saved.model)
         states = checkpoint.unflatten_state(record.optim_skeleton, saved.optim)
         opt.optimizer.load_state_dict(states["optimizer"])

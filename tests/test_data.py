@@ -14,6 +14,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from imgcls import checkpoint, config, data, evaluate, models, predict, run, rundir
@@ -430,3 +432,49 @@ def test_the_batched_path_needs_batchable_ops_and_one_image_size():
     assert isinstance(data.split_transform([], 32, same), data.BatchAugment)
     assert not isinstance(data.split_transform([flip], 32, mixed), data.BatchAugment)
     assert not isinstance(data.split_transform([flip, jitter], 32, same), data.BatchAugment)
+
+
+# ------------------------------------------------------------------- training that trains nothing
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    counts=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2)), min_size=1, max_size=3),
+    batch_size=st.integers(2, 6),
+)
+@example(counts=[(1, 0), (0, 0)], batch_size=2)  # a class folder with no files
+@example(counts=[(2, 0), (0, 1)], batch_size=2)  # a class whose only file is unreadable
+@example(counts=[(4, 0)], batch_size=2)  # one class
+def test_a_run_that_would_train_nothing_is_refused_before_training(tmp_path_factory, counts, batch_size):
+    """Per class (readable, unreadable) files; unreadable ones are skipped. A run trains at least one
+    optimizer step per epoch on two or more classes that all have images, or it is refused before
+    any checkpoint exists, saying why."""
+    base = tmp_path_factory.mktemp("nothing")
+    classes = [f"c{i}" for i in range(len(counts))]
+    for i, (good, bad) in enumerate(counts):
+        folder = base / "data" / "train" / classes[i]
+        folder.mkdir(parents=True)
+        for j in range(good):
+            Image.fromarray(image_array(i, j)).save(folder / f"{j}.png")
+        for j in range(bad):
+            (folder / f"bad{j}.png").write_bytes(b"not a png")
+    make_split(base / "data" / "val", 1, classes=classes[:1])
+    exp = config.load(experiment(base, {"data": {"batch_size": batch_size, "train_dir": str(base / "data/train"),
+                                                 "val_dir": str(base / "data/val"), "on_bad_image": "skip"},
+                                        "train": {"epochs": 1}, "output": {"root": str(base / "runs")}}))
+    readable = [good for good, _ in counts]
+    trainable = len(counts) >= 2 and all(readable) and sum(readable) // batch_size + (sum(readable) % batch_size > 1) > 0
+    if trainable:
+        run.run(exp, progress=False)
+        assert (base / "runs" / "tiny" / "metrics.json").exists()
+        return
+    with pytest.raises(DataError, match="no optimizer step|at least two classes|no training images|holds no images|no readable images"):
+        run.run(exp, progress=False)
+    assert not (base / "runs" / "tiny" / rundir.LAST).exists()
+
+
+def test_a_batch_size_of_one_is_refused_by_the_schema_with_the_reason():
+    """batch_size = 1 used to run every epoch with zero optimizer steps (each batch of one is dropped)."""
+    with pytest.raises(config.ConfigError, match=r"data.batch_size: Input should be greater than or equal to 2"):
+        config.validate({"name": "x", "data": {"train_dir": "a", "val_dir": "b", "batch_size": 1}, "model": {"arch": "scratch_cnn"}})
+    assert "a batch of one is dropped" in config.DataConfig.model_fields["batch_size"].description

@@ -449,3 +449,61 @@ def test_a_local_weights_file_is_recorded_by_its_hash(tmp_path):
     save_file({"x": torch.zeros(3)}, weights)
     identity = models.weights_identity(config.ResNet18(arch="resnet18", weights=str(weights)))
     assert identity == {"source": "file", "path": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+
+
+# --------------------------------------------------------------------- one run folder, one writer
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, f"process {os.getpid()} on testhost\\n".encode(), 0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["second-run", "resume-while-running"])
+def test_a_run_folder_in_use_is_refused_naming_its_holder_and_freed_by_kill_9(tmp_path, resume):
+    base = make_data(tmp_path)
+    run_dir = base / "runs" / "busy"
+    if resume:
+        crash_run(base, "busy", resume=False, where=before_checkpoint("last.safetensors", 2))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / rundir.LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(p.name for p in run_dir.iterdir())
+        with pytest.raises(UserError, match=rf"{run_dir.name} is in use by process {holder.pid} on testhost"):
+            start(base, "busy", resume=resume)
+        assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written by the refused run
+    finally:
+        holder.kill()  # SIGKILL: the OS drops the lock with the process
+        holder.wait()
+    start(base, "busy", resume=resume)
+    assert (run_dir / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------- resume never destroys progress
+
+
+def test_resume_without_last_checkpoint_is_refused_when_epochs_finished(tmp_path):
+    """With last.safetensors lost, a resume used to restart at epoch 1 and overwrite best and history."""
+    base = make_data(tmp_path)
+    run_dir = base / "runs" / "lost"
+    crash_run(base, "lost", resume=False, where=before_checkpoint("last.safetensors", 3))
+    (run_dir / "last.safetensors").unlink()
+    kept = {name: (run_dir / name).read_bytes() for name in ("best.safetensors", "history.csv")}
+    with pytest.raises(UserError, match=r"holds history.csv and best.safetensors but no last.safetensors|holds history.csv but no"):
+        start(base, "lost", resume=True)
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+
+
+def test_resume_after_a_class_folder_was_renamed_is_refused_naming_the_files(tmp_path):
+    base = make_data(tmp_path)
+    crash_run(base, "renamed", resume=False, where=before_checkpoint("last.safetensors", 2))
+    (base / "data" / "train" / "dog").rename(base / "data" / "train" / "hound")
+    (base / "data" / "val" / "dog").rename(base / "data" / "val" / "hound")
+    with pytest.raises(UserError, match=r"inputs changed since the run started:\n  - train: added hound/0.png"):
+        start(base, "renamed", resume=True)
