@@ -288,3 +288,23 @@ def pickle_payloads(folder: Path) -> tuple[dict[str, Path], Path]:
     assert marker.exists()
     marker.unlink()
     return files, marker
+
+
+# ------------------------------------------------------------------ photo-like images
+
+
+def structured_image(seed: int, height: int, width: int) -> np.ndarray:
+    """A photo-like uint8 (H, W, 3) array: a smooth colour gradient with a few flat-coloured discs.
+
+    Uniform noise would be the wrong test: no perceptual hash claims to survive JPEG on noise.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    slopes = rng.uniform(-255, 255, (2, 3))
+    pixels = 128 + (xx[..., None] - 0.5) * slopes[0] + (yy[..., None] - 0.5) * slopes[1]
+    for _ in range(rng.integers(1, 5)):
+        cy, cx = rng.uniform(0, 1, 2)
+        radius = rng.uniform(0.1, 0.4)
+        disc = (yy * max(height, width) / height - cy) ** 2 + (xx * max(height, width) / width - cx) ** 2 < radius**2
+        pixels[disc] = rng.uniform(0, 255, 3)
+    return np.clip(pixels, 0, 255).astype(np.uint8)

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from PIL import Image, ImageFile
 from imgcls import checkpoint, config, data, evaluate, models, predict, run, rundir
 from imgcls.errors import DataError
 
-from .fixtures import CLASSES, bomb_png, experiment, image_array, make_cue_data, make_data, make_split
+from .fixtures import CLASSES, bomb_png, experiment, image_array, make_cue_data, make_data, make_split, structured_image
 
 
 def data_cfg(base, **overrides) -> config.DataConfig:
@@ -478,3 +479,40 @@ def test_a_batch_size_of_one_is_refused_by_the_schema_with_the_reason():
     with pytest.raises(config.ConfigError, match=r"data.batch_size: Input should be greater than or equal to 2"):
         config.validate({"name": "x", "data": {"train_dir": "a", "val_dir": "b", "batch_size": 1}, "model": {"arch": "scratch_cnn"}})
     assert "a batch of one is dropped" in config.DataConfig.model_fields["batch_size"].description
+
+
+# ----------------------------------------------------------------- copies that are not byte-identical
+
+
+def photo(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(structured_image(seed, 96, 128)).save(path)
+    return path
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scale=st.floats(0.6, 1.8), quality=st.integers(70, 95), which=st.integers(0, 3))
+def test_resized_jpeg_copies_across_splits_and_photos_under_two_classes_are_reported(tmp_path_factory, scale, quality, which):
+    """Sixteen distinct photos (fixed seeds, checked to be far apart) plus a resized, re-encoded copy
+    of a training photo in val (leakage) and a training photo filed again under another class
+    (a conflict): exactly those two are reported, nothing else."""
+    root = tmp_path_factory.mktemp("copies")
+    train = [photo(root / "train" / c / f"{i}.png", 10 * k + i) for k, c in enumerate("ab") for i in range(4)]
+    for k, c in enumerate("ab"):
+        for i in range(4):
+            photo(root / "val" / c / f"{i}.png", 100 + 10 * k + i)
+    original = Image.open(train[which])
+    size = (round(original.width * scale), round(original.height * scale))
+    copy = root / "val" / "a" / "copy.jpg"
+    original.convert("RGB").resize(size, Image.Resampling.BILINEAR).save(copy, quality=quality)
+    conflict = root / "train" / "b" / "again.png"
+    shutil.copy(train[(which + 1) % 4], conflict)
+    cfg = config.DataConfig(train_dir=str(root / "train"), val_dir=str(root / "val"), image_size=64)
+    found = data.prepare(cfg, progress=False).report
+    assert [(p["train"], p["other"]) for p in found["near_duplicates"]] == [(str(train[which]), str(copy))]
+    assert [(p["a"], p["class_a"], p["b"], p["class_b"]) for p in found["label_conflicts"]] == [
+        (str(train[(which + 1) % 4]), "a", str(conflict), "b")
+    ]
+    assert any("look like resized or re-encoded copies" in w for w in found["warnings"])
+    with pytest.raises(DataError, match="1 photo\\(s\\) appear under two classes"):
+        data.prepare(cfg.model_copy(update={"label_conflicts": "fail"}), progress=False)
