@@ -141,6 +141,11 @@ def _metadata(data: bytes) -> dict[str, str]:
     return metadata
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes: equal iff the weights are bit-identical."""
+    return _digest("", state)
+
+
 def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(header.encode())
     for key in sorted(tensors):

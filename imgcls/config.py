@@ -25,11 +25,15 @@ from imgcls.errors import ConfigError, guarded
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Range = Annotated[list[float], Field(min_length=2, max_length=2)]
+# Learning rates and decay factors become float32 inside torch's optimizers, where 1e39 overflows
+# ("value cannot be converted to type float"); far below that, one step already makes weights inf.
+MAX_RATE = 1e3
 
 
 class Section(BaseModel):
     # strict: `true` is not a batch size and "1e-3" is not a learning rate (ints still pass as floats).
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    # allow_inf_nan=False: `lr = inf` passes `gt=0` and only fails inside torch.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 def _ordered(pair: list[float], key: str) -> list[float]:
@@ -177,8 +181,8 @@ class GaussianBlur(Section):
     def _check(self) -> GaussianBlur:
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size = {self.kernel_size} must be odd")
-        if _ordered(self.sigma, "sigma")[0] <= 0:
-            raise ValueError(f"sigma = {self.sigma} must be positive")
+        if _ordered(self.sigma, "sigma")[0] < 0.001:  # torch rounds a smaller draw to 0.0, which it refuses
+            raise ValueError(f"sigma = {self.sigma} must be at least 0.001 pixels")
         return self
 
 
@@ -266,24 +270,24 @@ Betas = Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2,
 
 class Adam(Section):
     name: Literal["adam"]
-    lr: float = Field(1e-3, gt=0, description="learning rate")
+    lr: float = Field(1e-3, gt=0, le=MAX_RATE, description="learning rate")
     betas: Betas = Field([0.9, 0.999], description="coefficients of the running averages of gradient and its square")
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty added to the gradient")
+    weight_decay: float = Field(0.0, ge=0, le=MAX_RATE, description="L2 penalty added to the gradient")
 
 
 class AdamW(Section):
     name: Literal["adamw"]
-    lr: float = Field(1e-3, gt=0, description="learning rate")
+    lr: float = Field(1e-3, gt=0, le=MAX_RATE, description="learning rate")
     betas: Betas = Field([0.9, 0.999], description="coefficients of the running averages of gradient and its square")
-    weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay")
+    weight_decay: float = Field(0.01, ge=0, le=MAX_RATE, description="decoupled weight decay")
 
 
 class SGD(Section):
     name: Literal["sgd"]
-    lr: float = Field(0.01, gt=0, description="learning rate")
+    lr: float = Field(0.01, gt=0, le=MAX_RATE, description="learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum factor, in [0, 1)")
     nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0)")
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty added to the gradient")
+    weight_decay: float = Field(0.0, ge=0, le=MAX_RATE, description="L2 penalty added to the gradient")
 
     @model_validator(mode="after")
     def _check(self) -> SGD:
@@ -309,7 +313,7 @@ class StepLR(Section):
 
 class CosineLR(Section):
     name: Literal["cosine"]
-    eta_min: float = Field(0.0, ge=0, description="learning rate the cosine anneals towards, reached after the last epoch")
+    eta_min: float = Field(0.0, ge=0, le=MAX_RATE, description="learning rate the cosine anneals towards, reached after the last epoch")
 
 
 class PlateauLR(Section):
@@ -317,12 +321,12 @@ class PlateauLR(Section):
     monitor: Literal["val_loss", "val_acc"] = Field("val_loss", description="metric that must improve")
     factor: float = Field(0.1, gt=0, lt=1, description="factor applied to the learning rate on a plateau")
     patience: int = Field(2, ge=0, description="epochs without improvement before decaying")
-    min_lr: float = Field(0.0, ge=0, description="lower bound on the learning rate")
+    min_lr: float = Field(0.0, ge=0, le=MAX_RATE, description="lower bound on the learning rate")
 
 
 class OneCycleLR(Section):
     name: Literal["onecycle"]
-    max_lr: float = Field(gt=0, description="peak learning rate, reached after pct_start of all steps")
+    max_lr: float = Field(gt=0, le=MAX_RATE, description="peak learning rate, reached after pct_start of all steps")
     pct_start: float = Field(0.3, gt=0, lt=1, description="fraction of the steps spent increasing the learning rate")
 
 
@@ -368,9 +372,13 @@ class OutputConfig(Section):
 
 class Experiment(Section):
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; the run directory is <output.root>/<name>"
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=200,  # file systems refuse names over 255 bytes; leave room for temp-file prefixes
+        description="run name; the run directory is <output.root>/<name>",
     )
-    seed: int = Field(0, ge=0, description="seeds weights, shuffling and augmentation")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="seeds weights, shuffling and augmentation (0 .. 2**32 - 1, NumPy's range)"
+    )
     device: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description='"auto" picks cuda when available; the run records the resolved value'
     )

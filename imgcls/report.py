@@ -14,7 +14,8 @@ import torch
 from imgcls.checkpoint import atomic_write
 
 # No wall-clock column: identical runs write identical files (seconds go to timings.json).
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+# `weights`: SHA-256 of the model's tensors after the epoch, so `verify` can name the first epoch that differs.
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "weights"]
 
 
 def write_json(path: Path, data: Any) -> None:

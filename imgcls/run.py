@@ -22,8 +22,12 @@ from imgcls.errors import ConfigError, UserError, guarded
 from imgcls.rundir import BEST, LAST, RunDir, Timings
 
 
-def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train, select, evaluate and report one experiment; returns what metrics.json holds."""
+def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train, select, evaluate and report one experiment; returns what metrics.json holds.
+
+    stop_after: end after that many epochs, before evaluating (verify's quick check of a long run);
+    returns {} then, and the folder holds a resumable run.
+    """
     device = runtime.resolve_device(exp.device)
     exp = exp.model_copy(update={"device": device.type})  # the run records the resolved device
     problems = config.path_problems(exp.model_dump(mode="json"))
@@ -34,7 +38,9 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True) 
             print(f"{run_path} already holds the finished run", file=sys.stderr)
             return json.loads((run_path / "metrics.json").read_text())
         run_dir, feed, opt, state = setup(exp, run_path, resume, progress)
-        fit(run_dir, feed, opt, state, progress)
+        fit(run_dir, feed, opt, state, progress, stop_after or exp.train.epochs)
+        if state.epoch < exp.train.epochs and not state.stopped_early:
+            return {}
         return finish(run_dir, feed, state)
 
 
@@ -69,11 +75,11 @@ def setup(exp: config.Experiment, run_path: Path, resume: bool, progress: bool) 
     return run_dir, feed, opt, state
 
 
-def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train.LoopState, progress: bool) -> None:
-    """Epochs state.epoch+1 .. epochs; after each, the last (and maybe best) checkpoint is saved."""
+def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train.LoopState, progress: bool, until: int) -> None:
+    """Epochs state.epoch+1 .. until; after each, the last (and maybe best) checkpoint is saved."""
     exp, monitor = run_dir.exp, state.monitor
     timings = Timings.start(run_dir.path)
-    while state.epoch < exp.train.epochs and not state.stopped_early:
+    while state.epoch < min(until, exp.train.epochs) and not state.stopped_early:
         epoch = state.epoch + 1
         start = time.perf_counter()
         lr = opt.optimizer.param_groups[0]["lr"]
@@ -81,7 +87,7 @@ def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train
         logits, labels = evaluate.logits_of(feed.net, feed.loaders["val"], feed.inputs)
         val = evaluate.compute_metrics(logits, labels, run_dir.classes)
         train.step_epoch_scheduler(opt.schedule, {"val_loss": val["loss"], "val_acc": val["accuracy"]})
-        row = train.epoch_row(epoch, fit_metrics, val, lr)
+        row = train.epoch_row(epoch, fit_metrics, val, lr) | {"weights": checkpoint.weights_digest(feed.model.state_dict())}
         is_best, stop = monitor.update(epoch, row[exp.train.select_best])
         state.epoch, state.stopped_early = epoch, stop and epoch < exp.train.epochs
         state.history.append(row)

@@ -274,7 +274,7 @@ def _experiments(draw) -> dict[str, Any]:
         data["test_dir"] = dirs[2]
     optional = {
         "resize_size": st.integers(image_size, 2 * image_size),
-        "batch_size": st.integers(1, 4096),
+        "batch_size": st.integers(2, 4096),
         "eval_batch_size": st.integers(1, 4096),
         "num_workers": st.integers(0, 64),
         "normalize": st.one_of(
@@ -293,7 +293,7 @@ def _experiments(draw) -> dict[str, Any]:
         "model": model,
     }
     optional_top = {
-        "seed": st.integers(0, 2**64),
+        "seed": st.integers(0, 2**32 - 1),
         "device": st.sampled_from(["cpu", "cuda", "auto"]),
         "augment": st.lists(augment_ops(), max_size=4),
         "optimizer": variant(OPTIMIZER_FIELDS).map(sgd_consistent),
