@@ -213,7 +213,7 @@ def runnable(drawn: dict) -> dict:
     return exp
 
 
-@settings(max_examples=int(os.environ.get("IMGCLS_FUZZ_EXAMPLES", 12)), deadline=None,
+@settings(max_examples=int(os.environ.get("IMGCLS_FUZZ_EXAMPLES", 8)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(drawn=experiments())
 def test_every_experiment_the_schema_accepts_runs_or_is_refused_cleanly(tmp_path_factory, drawn):
