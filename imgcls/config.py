@@ -24,6 +24,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from imgcls.errors import ConfigError, guarded
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+# Upper bounds on every number that sizes memory, so an experiment that cannot fit is refused when
+# the file loads, not by the operating system in epoch 1. Constants, not the machine's: a run is a
+# pure function of its file. Epoch counts (epochs, step_size, patience) cost time, not memory, and
+# stay unbounded; gaussian_blur.kernel_size is bounded by the side it blurs (_augment_size_problems).
+MAX_IMAGE_SIZE = 2048  # training activations grow with the side squared: 2048 already takes gigabytes per image
+MAX_RESIZE_SIZE = 4096  # one cached 4096x4096 image is 50 MB (data.MAX_ASPECT times that at most)
+MAX_BATCH_SIZE = 4096  # 4096 images of 224 pixels are 2.5 GB as float32, before any activation
+MAX_WORKERS = 64  # each worker is a whole Python process with torch loaded (hundreds of MB)
+MAX_CHANNELS = 4096  # a conv3x3 from 4096 to 4096 channels holds 151 M weights (600 MB)
+MAX_HIDDEN = 65536  # Linear(4096, 65536) holds 268 M weights (1 GB)
+MAX_MAGNITUDE_BINS = 256  # 8-bit images have 256 levels; torchvision builds tables this long for every image
+MAX_NUM_OPS = 16  # each op is a pass over the image; RandAugment's paper uses 1 to 3
+MAX_SEED = 2**32 - 1  # NumPy's global seeding takes 32 bits
 Range = Annotated[list[float], Field(min_length=2, max_length=2)]
 
 
@@ -54,16 +68,28 @@ class DataConfig(Section):
     train_dir: str = Field(min_length=1, description="training images: one sub-folder per class (ImageFolder)")
     val_dir: str = Field(min_length=1, description="validation images, same layout; labelled with train's classes")
     test_dir: str | None = Field(None, min_length=1, description="optional test images, same layout")
-    image_size: int = Field(224, ge=8, description="side of the square image the model sees, in pixels")
+    image_size: int = Field(
+        224, ge=8, le=MAX_IMAGE_SIZE, description=f"side of the square image the model sees, in pixels (8..{MAX_IMAGE_SIZE})"
+    )
     resize_size: int | None = Field(
         None,
         ge=8,
+        le=MAX_RESIZE_SIZE,
         description="shorter side, in pixels, each image is resized to when decoded; evaluation centre-crops "
-        "image_size from it (default: image_size * 8/7, torchvision's 256 for 224)",
+        f"image_size from it (default: image_size * 8/7, torchvision's 256 for 224; at most {MAX_RESIZE_SIZE})",
     )
-    batch_size: int = Field(32, ge=1, description="training images per optimizer step")
-    eval_batch_size: int = Field(128, ge=1, description="images per forward pass when evaluating or predicting")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
+    batch_size: int = Field(
+        32, ge=1, le=MAX_BATCH_SIZE, description=f"training images per optimizer step (1..{MAX_BATCH_SIZE})"
+    )
+    eval_batch_size: int = Field(
+        128,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description=f"images per forward pass when evaluating or predicting (1..{MAX_BATCH_SIZE})",
+    )
+    num_workers: int = Field(
+        0, ge=0, le=MAX_WORKERS, description=f"DataLoader worker processes (0: load in the main process; at most {MAX_WORKERS})"
+    )
     normalize: Literal["imagenet", "half"] | NormalizeStats = Field(
         "imagenet",
         description='"imagenet" (torchvision\'s mean/std), "half" (mean = std = 0.5), or { mean = [..], std = [..] }',
@@ -122,7 +148,12 @@ class RandomResizedCrop(Section):
 
 class RandomCrop(Section):
     op: Literal["random_crop"]
-    padding: int = Field(0, ge=0, description="pixels added on each border before cropping image_size")
+    padding: int = Field(
+        0,
+        ge=0,
+        le=MAX_IMAGE_SIZE,  # a border wider than the largest crop is blank pixels only
+        description=f"pixels added on each border before cropping image_size (at most {MAX_IMAGE_SIZE})",
+    )
     padding_mode: Literal["constant", "edge", "reflect", "symmetric"] = Field(
         "constant", description="how the padding is filled"
     )
@@ -130,7 +161,7 @@ class RandomCrop(Section):
 
 class Resize(Section):
     op: Literal["resize"]
-    size: int = Field(ge=8, description="shorter side after resizing, in pixels")
+    size: int = Field(ge=8, le=MAX_RESIZE_SIZE, description=f"shorter side after resizing, in pixels (8..{MAX_RESIZE_SIZE})")
 
 
 class HorizontalFlip(Section):
@@ -177,12 +208,17 @@ class GaussianBlur(Section):
 
 class TrivialAugment(Section):
     op: Literal["trivial_augment"]
-    num_magnitude_bins: int = Field(31, ge=2, description="number of magnitude levels (TrivialAugmentWide)")
+    num_magnitude_bins: int = Field(
+        31,
+        ge=2,
+        le=MAX_MAGNITUDE_BINS,
+        description=f"number of magnitude levels (TrivialAugmentWide; 2..{MAX_MAGNITUDE_BINS})",
+    )
 
 
 class RandAugment(Section):
     op: Literal["rand_augment"]
-    num_ops: int = Field(2, ge=1, description="operations applied to each image")
+    num_ops: int = Field(2, ge=1, le=MAX_NUM_OPS, description=f"operations applied to each image (1..{MAX_NUM_OPS})")
     magnitude: int = Field(9, ge=0, le=30, description="strength of each operation, 0..30")
 
 
@@ -223,10 +259,14 @@ Augment = Annotated[
 
 class ScratchCNN(Section):
     arch: Literal["scratch_cnn"]
-    channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = Field(
-        [32, 64, 128], description="output channels of each conv3x3 -> ReLU -> MaxPool(2) block"
+    # The number of blocks needs no bound of its own: image_size must be at least 2 ** blocks.
+    channels: Annotated[list[Annotated[int, Field(ge=1, le=MAX_CHANNELS)]], Field(min_length=1)] = Field(
+        [32, 64, 128],
+        description=f"output channels of each conv3x3 -> ReLU -> MaxPool(2) block (each 1..{MAX_CHANNELS})",
     )
-    hidden: int = Field(128, ge=1, description="width of the hidden layer of the classifier head")
+    hidden: int = Field(
+        128, ge=1, le=MAX_HIDDEN, description=f"width of the hidden layer of the classifier head (1..{MAX_HIDDEN})"
+    )
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout probability before the last layer")
     batch_norm: bool = Field(False, description="BatchNorm after each convolution")
 
@@ -363,7 +403,9 @@ class Experiment(Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; the run directory is <output.root>/<name>"
     )
-    seed: int = Field(0, ge=0, description="seeds weights, shuffling and augmentation")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description=f"seeds weights, shuffling and augmentation (0..{MAX_SEED})"
+    )
     device: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description='"auto" picks cuda when available; the run records the resolved value'
     )

@@ -11,8 +11,15 @@ import time
 import tomllib
 from pathlib import Path
 
+import contextlib
+import io
+import typing
+
+import annotated_types
 import pytest
 import tomli_w
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from imgcls import config, run
 from imgcls.errors import ConfigError
@@ -207,6 +214,91 @@ def test_cross_field_problems_are_listed_one_per_line():
     data = dict(MINIMAL, data={"train_dir": "a", "val_dir": "b", "image_size": 8}, model={"arch": "resnet18"})
     found = problems(dict(data, early_stopping={"monitor": "val_acc"}))
     assert [p.split(" ")[0] for p in found] == ["data.image_size", "early_stopping.monitor"]
+
+
+# ------------------------------------------------------- memory bounded by the configuration
+
+# Each integer field that sizes memory: (class, field) -> (its key path, an experiment holding value v, its bound).
+BOUNDED = {
+    ("Experiment", "seed"): ("seed", lambda v: dict(MINIMAL, seed=v), config.MAX_SEED),
+    **{
+        ("DataConfig", field): (f"data.{field}", lambda v, f=field: dict(MINIMAL, data=MINIMAL["data"] | {f: v}), bound)
+        for field, bound in (
+            ("image_size", config.MAX_IMAGE_SIZE),
+            ("resize_size", config.MAX_RESIZE_SIZE),
+            ("batch_size", config.MAX_BATCH_SIZE),
+            ("eval_batch_size", config.MAX_BATCH_SIZE),
+            ("num_workers", config.MAX_WORKERS),
+        )
+    },
+    **{
+        (cls, field): (f"augment[0].{field}", lambda v, op=op, f=field: dict(MINIMAL, augment=[{"op": op, f: v}]), bound)
+        for cls, op, field, bound in (
+            ("RandomCrop", "random_crop", "padding", config.MAX_IMAGE_SIZE),
+            ("Resize", "resize", "size", config.MAX_RESIZE_SIZE),
+            ("TrivialAugment", "trivial_augment", "num_magnitude_bins", config.MAX_MAGNITUDE_BINS),
+            ("RandAugment", "rand_augment", "num_ops", config.MAX_NUM_OPS),
+            ("RandAugment", "rand_augment", "magnitude", 30),
+        )
+    },
+    ("ScratchCNN", "channels"): (
+        "model.channels[1]", lambda v: dict(MINIMAL, model={"arch": "scratch_cnn", "channels": [8, v]}), config.MAX_CHANNELS
+    ),
+    ("ScratchCNN", "hidden"): ("model.hidden", lambda v: dict(MINIMAL, model={"arch": "scratch_cnn", "hidden": v}), config.MAX_HIDDEN),
+}
+# Counts of epochs cost time, not memory; a blur kernel is bounded by the side it blurs.
+UNBOUNDED = {("TrainConfig", "epochs"), ("StepLR", "step_size"), ("PlateauLR", "patience"), ("EarlyStopping", "patience"),
+             ("GaussianBlur", "kernel_size")}
+
+
+def integer_fields() -> dict[tuple[str, str], int | None]:
+    """Every integer field of the schema (lists of integers too) and its upper bound, if any."""
+    found, todo, seen = {}, [config.Experiment], set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            stack = [field.annotation]
+            bounds = [m.le for m in field.metadata if isinstance(m, annotated_types.Le)]
+            while stack:
+                t = stack.pop()
+                if typing.get_origin(t) is typing.Annotated:
+                    inner, *meta = typing.get_args(t)
+                    bounds += [m.le for fi in meta for m in getattr(fi, "metadata", [fi]) if isinstance(m, annotated_types.Le)]
+                    stack.append(inner)
+                elif isinstance(t, type) and issubclass(t, config.Section):
+                    todo.append(t)
+                elif t is int:
+                    found[(model.__name__, name)] = min(bounds, default=None)
+                else:
+                    stack += typing.get_args(t)
+    return found
+
+
+def test_every_integer_that_sizes_memory_has_an_upper_bound_in_the_schema():
+    fields = integer_fields()
+    assert {k for k, bound in fields.items() if bound is None} == UNBOUNDED
+    assert {k: bound for k, bound in fields.items() if bound is not None} == {k: b for k, (_, _, b) in BOUNDED.items()}
+
+
+@given(field=st.sampled_from(sorted(BOUNDED)), excess=st.integers(1, 2**70))
+@example(field=("DataConfig", "resize_size"), excess=1)
+@example(field=("Experiment", "seed"), excess=1)  # 2**32: NumPy's seeding raised a traceback in the run
+def test_a_size_past_its_bound_is_refused_when_the_file_is_checked_and_the_bound_itself_is_accepted(
+    tmp_path_factory, field, excess
+):
+    """`python -m imgcls.config` refuses an experiment that cannot fit, naming the key, before any image
+    or file is touched; the largest accepted value validates."""
+    key, tree, bound = BOUNDED[field]
+    config.validate(tree(bound))
+    path = tmp_path_factory.mktemp("bounds") / "exp.toml"
+    path.write_text(tomli_w.dumps(tree(bound + excess)))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert config.main([str(path)]) == 2
+    assert f"  - {key}: Input should be less than or equal to {bound}" in err.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile
 
 from imgcls import checkpoint, config, data, evaluate, models, predict, run, rundir
 from imgcls.errors import DataError
 
-from .fixtures import CLASSES, bomb_png, experiment, image_array, make_cue_data, make_data, make_split
+from .fixtures import CLASSES, blank_png, bomb_png, experiment, grey_tiff, image_array, make_cue_data, make_data, make_split
 
 
 def data_cfg(base, **overrides) -> config.DataConfig:
@@ -360,6 +363,107 @@ def test_animated_images_folders_named_like_images_and_broken_links_are_bad_file
     for path in listed:
         with pytest.raises(DataError, match=re.escape(f"{path}: {reasons[os.path.basename(path)]}")):
             data.decode(path, 16)
+
+
+# ------------------------------------------------------- memory bounded by the configuration
+
+
+class PixelsDecoded(Exception):
+    """Raised by a stand-in for PIL's load: the pixels of a file that should have been refused were read."""
+
+
+@given(short=st.integers(1, 64), long=st.integers(1, 70_000), wide=st.booleans(), resize_size=st.integers(8, 300))
+@example(short=1, long=60_000, wide=False, resize_size=256)  # the 258-byte PNG that cost 8.4 GB
+@example(short=1, long=10, wide=True, resize_size=8)  # exactly MAX_ASPECT: kept
+@example(short=2, long=21, wide=True, resize_size=8)  # 80 x 8 after resizing: kept
+@example(short=2, long=23, wide=True, resize_size=8)  # 92 x 8: refused
+def test_a_decoded_image_fits_the_bound_of_its_experiment_or_is_refused_before_its_pixels_are_read(
+    tmp_path_factory, short, long, wide, resize_size
+):
+    """Decoding resizes the shorter side to resize_size, so the cached image may hold at most
+    MAX_ASPECT * resize_size**2 pixels: a tiny file of extreme shape is refused from its header."""
+    path = str(tmp_path_factory.mktemp("shape") / "image.png")
+    width, height = (long, short) if wide else (short, long)
+    blank_png(path, width, height)
+    bound = data.MAX_ASPECT * resize_size**2
+    new_h, new_w = data.resized_shape(height, width, resize_size)
+    if new_h * new_w > bound:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ImageFile.ImageFile, "load", lambda self: (_ for _ in ()).throw(PixelsDecoded()))
+            with pytest.raises(DataError, match=re.escape(f"{path}: refused, {width}x{height} pixels is longer than")):
+                data.decode(path, resize_size)
+    else:
+        image = data.decode(path, resize_size)
+        assert image.shape == (3, new_h, new_w) and min(new_h, new_w) == resize_size
+        assert image.numel() <= 3 * bound
+
+
+def test_a_100_megapixel_camera_jpeg_decodes_cheaply_at_reduced_scale(tmp_path):
+    """PIL's decompression-bomb guard counts the header's pixels; a JPEG is counted after draft
+    mode has shrunk it (1/8 here), so a large photo is neither refused nor decoded at full size."""
+    Image.new("L", (11648, 8736), 90).save(tmp_path / "camera.jpg", quality=30)  # 101.8 megapixels
+    decoded_sizes = []
+    load = ImageFile.ImageFile.load
+
+    def recording_load(self):
+        decoded_sizes.append(self.size)
+        return load(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ImageFile.ImageFile, "load", recording_load)
+        image = data.decode(str(tmp_path / "camera.jpg"), 64)
+    assert image.shape == (3, 64, 85) and abs(int(image[0, 32, 42]) - 90) <= 2
+    assert set(decoded_sizes) == {(1456, 1092)}  # 1/8 of each side: 1.6 megapixels decoded, not 102
+
+
+# ------------------------------------------------------------- 32-bit integer and float greyscale
+
+
+def expected_levels(values: np.ndarray) -> np.ndarray | None:
+    """The documented rule, restated: None where the file must be refused."""
+    v = values.astype(np.float64)
+    if not np.isfinite(v).all() or v.min() < 0:
+        return None
+    high = v.max()
+    if values.dtype.kind == "f" and high <= 1:
+        return np.rint(v * 255)
+    if high <= 255:
+        return np.rint(v)
+    if high <= 65535:
+        return np.floor(v / 256)
+    return np.rint(v * 255 / high)
+
+
+def greyscale_arrays():
+    """8 x (8..12) arrays of 32-bit unsigned, signed and float values over every range the rule tells apart."""
+    shapes = st.tuples(st.just(8), st.integers(8, 12))
+    bands = {
+        np.uint32: [st.integers(0, 255), st.integers(0, 65535), st.integers(0, 2**32 - 1)],
+        np.int32: [st.integers(0, 255), st.integers(-(2**31), 2**31 - 1)],
+        np.float32: [st.floats(0, 1, width=32), st.floats(0, 255, width=32), st.floats(0, 65535, width=32),
+                     st.floats(-10, 1e9, width=32), st.floats(width=32)],  # the last one: NaN and infinities too
+    }
+    return st.one_of([hnp.arrays(dtype, shapes, elements=band) for dtype, each in bands.items() for band in each])
+
+
+@given(values=greyscale_arrays())
+@example(values=np.tile(np.linspace(0, 1, 8, dtype=np.float32), (8, 1)))  # a float image in [0, 1]: was black
+@example(values=np.tile(np.linspace(0, 4e9, 8).astype(np.uint32), (8, 1)))  # up to 4e9: was saturated
+@example(values=np.full((8, 8), 200, dtype=np.int32))  # 8-bit levels in a 32-bit file: was black
+def test_32_bit_and_float_greyscale_is_mapped_by_its_range_or_refused(tmp_path_factory, values):
+    """A TIFF of mode "I" or "F" becomes 8-bit levels by the documented rule (`data.levels`), or is
+    refused naming the file; never clipped into black or white."""
+    path = str(tmp_path_factory.mktemp("grey") / "image.tif")
+    grey_tiff(path, values)
+    expected = expected_levels(values)
+    if expected is None:
+        with pytest.raises(DataError, match=re.escape(path) + ".*(negative|NaN or infinite)"):
+            data.decode(path, 8)
+        return
+    image = data.decode(path, 8)
+    assert image.shape == (3, *values.shape)
+    assert torch.equal(image[0], image[2])
+    assert np.abs(image[0].numpy().astype(np.int64) - expected).max() <= 1, (values, image[0])
 
 
 # ------------------------------------------------------------- loader workers and the batched path
