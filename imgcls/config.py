@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imgcls.errors import ConfigError, guarded
 
@@ -39,6 +39,20 @@ MAX_MAGNITUDE_BINS = 256  # 8-bit images have 256 levels; torchvision builds tab
 MAX_NUM_OPS = 16  # each op is a pass over the image; RandAugment's paper uses 1 to 3
 MAX_SEED = 2**32 - 1  # NumPy's global seeding takes 32 bits
 Range = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+def _home(path: str) -> str:
+    """A leading `~` or `~user` is a home folder, as in the shell, so the resolved experiment records
+    the real path; one that names no home is refused, never made a folder literally named `~`."""
+    expanded = os.path.expanduser(path)
+    if not expanded or expanded.startswith("~"):
+        first = path.split("/", 1)[0]
+        raise ValueError(f"{first!r} is no home folder (no such user, or HOME unset): write the path in full")
+    return expanded
+
+
+# A path the experiment names: any text, with `~` meaning home.
+PathText = Annotated[str, Field(min_length=1), AfterValidator(_home)]
 
 
 class Section(BaseModel):
@@ -65,9 +79,9 @@ class NormalizeStats(Section):
 
 
 class DataConfig(Section):
-    train_dir: str = Field(min_length=1, description="training images: one sub-folder per class (ImageFolder)")
-    val_dir: str = Field(min_length=1, description="validation images, same layout; labelled with train's classes")
-    test_dir: str | None = Field(None, min_length=1, description="optional test images, same layout")
+    train_dir: PathText = Field(description="training images: one sub-folder per class (ImageFolder); ~ is home")
+    val_dir: PathText = Field(description="validation images, same layout; labelled with train's classes")
+    test_dir: PathText | None = Field(None, description="optional test images, same layout")
     image_size: int = Field(
         224, ge=8, le=MAX_IMAGE_SIZE, description=f"side of the square image the model sees, in pixels (8..{MAX_IMAGE_SIZE})"
     )
@@ -277,9 +291,8 @@ class ScratchCNN(Section):
 
 class ResNet18(Section):
     arch: Literal["resnet18"]
-    weights: str = Field(
+    weights: PathText = Field(
         "imagenet",
-        min_length=1,
         description='"none" (random init), "imagenet" (torchvision\'s IMAGENET1K_V1), or a path to a '
         "state dict (.pth/.safetensors) or an imgcls checkpoint",
     )
@@ -396,7 +409,7 @@ class EarlyStopping(Section):
 
 
 class OutputConfig(Section):
-    root: str = Field("runs", min_length=1, description="folder that holds run directories (<root>/<name>)")
+    root: PathText = Field("runs", description="folder that holds run directories (<root>/<name>); ~ is home")
 
 
 class Experiment(Section):
@@ -861,15 +874,12 @@ def _inline(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--reference"]:
-        print(reference(), end="")
-        return 0
     if len(argv) != 1:
         print("usage: python -m imgcls.config EXPERIMENT.toml | --reference", file=sys.stderr)
         return 2
 
     def go() -> int:
-        print(to_toml(load(argv[0], check_paths=True)), end="")
+        print(reference() if argv == ["--reference"] else to_toml(load(argv[0], check_paths=True)), end="")
         return 0
 
     return guarded(go)

@@ -4,6 +4,7 @@ problem is reported at once, by key path, before any image is read or anything i
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import typing
 import annotated_types
 import pytest
 import tomli_w
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from imgcls import config, run
@@ -364,6 +365,65 @@ def test_command_line_reports_config_errors_with_exit_code_2_and_no_traceback(tm
         for needle in cases[name][1]:
             assert needle in err, (name, needle, err)
     assert snapshot(tmp_path) == before  # nothing written: no run directory, no result file
+
+
+# ----------------------------------------------------------------------------- ~ means home
+
+# Every path the experiment names, as (key path, experiment holding value v).
+PATH_KEYS = {
+    "data.train_dir": lambda v: dict(MINIMAL, data={"train_dir": v, "val_dir": "b"}),
+    "data.val_dir": lambda v: dict(MINIMAL, data={"train_dir": "a", "val_dir": v}),
+    "data.test_dir": lambda v: dict(MINIMAL, data={"train_dir": "a", "val_dir": "b", "test_dir": v}),
+    "output.root": lambda v: dict(MINIMAL, output={"root": v}),
+    "model.weights": lambda v: dict(MINIMAL, model={"arch": "resnet18", "weights": v}),
+}
+path_parts = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=["Cs"]), min_size=1, max_size=10)
+
+
+@given(key=st.sampled_from(sorted(PATH_KEYS)), parts=st.lists(path_parts, max_size=3), by_name=st.booleans())
+@example(key="output.root", parts=[], by_name=False)  # "~": a folder literally named ~ appeared in the working directory
+@example(key="data.train_dir", parts=["~", "x"], by_name=True)  # only a leading ~ is home
+def test_a_leading_tilde_is_home_and_the_resolved_experiment_records_the_real_path(tmp_path_factory, key, parts, by_name):
+    """`~/x` is $HOME/x and `~user/x` that user's home, as in the shell; the resolved experiment (and so
+    config.toml, and a resume's comparison) holds the real path, which round-trips."""
+    home = str(tmp_path_factory.mktemp("home"))
+    me = pwd.getpwuid(os.getuid())
+    rest = "".join(f"/{p}" for p in parts)
+    value = f"~{me.pw_name}{rest}" if by_name else f"~{rest}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", home)
+        exp = config.validate(PATH_KEYS[key](value))
+    section, leaf = key.split(".")
+    assert tomllib.loads(config.to_toml(exp))[section][leaf] == (me.pw_dir if by_name else home) + rest
+    assert config.to_toml(config.loads(config.to_toml(exp))) == config.to_toml(exp)
+
+
+@given(key=st.sampled_from(sorted(PATH_KEYS)), user=st.from_regex(r"[a-z][a-z0-9_]{11,15}", fullmatch=True))
+@example(key="data.train_dir", user="nosuchuser_imgcls")
+def test_a_tilde_that_names_no_home_is_refused_naming_the_key(key, user):
+    try:
+        pwd.getpwnam(user)
+        assume(False)  # a real user: their home is fine
+    except KeyError:
+        pass
+    (p,) = problems(PATH_KEYS[key](f"~{user}/images"))
+    assert p.startswith(f"{key}: '~{user}' is no home folder"), p
+
+
+def test_a_run_with_tilde_paths_reads_and_writes_under_home_never_in_a_folder_named_tilde(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    make_data(home)
+    work = tmp_path / "work"
+    work.mkdir()
+    exp_path = experiment(work, {"data": {"train_dir": "~/data/train", "val_dir": "~/data/val"}, "train": {"epochs": 1},
+                                 "output": {"root": "~/runs"}})
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert run.main([str(exp_path), "--quiet"]) == 0
+    assert (home / "runs" / "tiny" / "metrics.json").is_file()
+    assert not any(p.name == "~" for p in tmp_path.rglob("*"))
+    saved = tomllib.loads((home / "runs" / "tiny" / "config.toml").read_text())
+    assert saved["data"]["train_dir"] == str(home / "data" / "train") and saved["output"]["root"] == str(home / "runs")
 
 
 # ------------------------------------------------------------------------ the resolved experiment
