@@ -79,16 +79,19 @@ def scan_split(name: str, root: str, classes: list[str]) -> Split:
         folder = os.path.join(root, cls)
         if not os.path.isdir(folder):
             continue
-        files = image_files(folder, split.skipped)
+        others: Counter = Counter()
+        files = image_files(folder, split.skipped, others)
         if not files:
-            raise DataError(f"{folder}: class {cls!r} of the {name} split holds no images")
+            raise DataError(f"{folder}: class {cls!r} of the {name} split holds no images{unlisted(others)}")
         split.paths += files
         split.labels += [label] * len(files)
     return split
 
 
-def image_files(folder: str, skipped: Counter) -> list[str]:
-    """Image files below folder, sorted; symlinked folders are followed once and never out of folder."""
+def image_files(folder: str, skipped: Counter, others: Counter | None = None) -> list[str]:
+    """Image files below folder, sorted; symlinked folders are followed once and never out of folder.
+
+    Files skipped for their extension are counted by extension in `others`."""
     top = os.path.realpath(folder)
     seen_dirs, seen_files, found = set(), set(), []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -111,12 +114,26 @@ def image_files(folder: str, skipped: Counter) -> list[str]:
                 skipped["hidden or system file"] += 1
             elif not fname.lower().endswith(IMAGE_EXTENSIONS):
                 skipped["not an image extension"] += 1
+                if others is not None:
+                    others[os.path.splitext(fname)[1] or "no extension"] += 1
             elif os.path.realpath(path) in seen_files:
                 skipped["duplicate link to the same file"] += 1
             else:
                 seen_files.add(os.path.realpath(path))
                 found.append(path)
     return found
+
+
+def unlisted(others: Counter) -> str:
+    """What a folder without images did hold, for its error message: files may be images under a name
+    imgcls does not read (x.jfif, x.JPG2, a PNG with no extension), and an empty class is no answer."""
+    if not others:
+        return ""
+    found = ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda item: (-item[1], item[0])))
+    return (
+        f", only {sum(others.values())} file(s) with other extensions ({found}); imgcls reads "
+        f"{' '.join(IMAGE_EXTENSIONS)} in any case: rename them if they are images"
+    )
 
 
 # ------------------------------------------------------------------------------------- decoding

@@ -23,15 +23,20 @@ from imgcls import data, evaluate, report
 from imgcls.errors import DataError, guarded
 
 
-def expand(inputs: list[str]) -> list[str]:
-    """Files as given; folders become their image files (recursively, sorted, hidden ones skipped)."""
-    paths = []
+def expand(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """Files as given; folders become their image files (recursively, sorted, hidden ones skipped).
+    Also returns an error for each folder that holds no image file, saying what it holds instead."""
+    paths, errors = [], []
     for item in inputs:
         if os.path.isdir(item) and not item.lower().endswith(data.IMAGE_EXTENSIONS):
-            paths += data.image_files(item, Counter())
+            others: Counter = Counter()
+            found = data.image_files(item, Counter(), others)
+            if not found:
+                errors.append(f"{item}: a folder holding no images{data.unlisted(others)}")
+            paths += found
         else:
             paths.append(item)
-    return paths
+    return paths, errors
 
 
 def classify(trained: evaluate.Trained, paths: list[str], top_k: int) -> tuple[list[dict], list[str]]:
@@ -119,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         trained = evaluate.load_for_inference(args.experiment, args.checkpoint)
-        results, errors = classify(trained, expand(args.images), args.top_k)
+        paths, empty = expand(args.images)
+        results, errors = classify(trained, paths, args.top_k)
         write(results, args.format or "text", sys.stdout)
-        for e in errors:
+        for e in empty + errors:
             print(f"error: {e}", file=sys.stderr)
         return 1 if errors else 0
 

@@ -365,6 +365,45 @@ def test_animated_images_folders_named_like_images_and_broken_links_are_bad_file
             data.decode(path, 16)
 
 
+# ------------------------------------------------------- images under extensions imgcls does not read
+
+stems = st.text(st.characters(whitelist_categories=["Ll", "Lu", "Nd"], max_codepoint=127), min_size=1, max_size=8)
+unlisted_extensions = st.one_of(
+    st.sampled_from([".jfif", ".JPG2", ".heic", ".jpe", ".avif", ".png~", ""]),
+    st.from_regex(r"\.[A-Za-z0-9]{1,5}", fullmatch=True),
+).filter(lambda ext: not ext.lower().endswith(data.IMAGE_EXTENSIONS))
+
+
+@given(files=st.lists(st.tuples(stems, unlisted_extensions), min_size=1, max_size=6, unique=True),
+       listed=st.sampled_from([None, *data.IMAGE_EXTENSIONS, ".JPG", ".Png"]))
+@example(files=[("photo", ".jfif"), ("scan", ".JPG2"), ("IMG_0001", ".heic"), ("noext", "")], listed=None)
+def test_a_class_of_images_under_unread_extensions_is_reported_with_what_was_skipped(tmp_path_factory, files, listed):
+    """A class folder whose files all have extensions imgcls does not read is an error saying how many
+    files of which extensions were skipped and which are read, in the preflight and in predict; one
+    file with a listed extension (in any case) makes the class readable."""
+    base = tmp_path_factory.mktemp("ext")
+    folder = base / "train" / "cat"
+    folder.mkdir(parents=True)
+    blob = png_bytes(image_array(0, 1))
+    for stem, ext in files:
+        (folder / f"{stem}{ext}").write_bytes(blob)
+    if listed is not None:
+        (folder / f"kept{listed}").write_bytes(blob)
+        assert data.scan_split("train", str(base / "train"), ["cat"]).paths == [str(folder / f"kept{listed}")]
+        assert predict.expand([str(folder)])[1] == []
+        return
+    with pytest.raises(DataError) as info:
+        data.scan_split("train", str(base / "train"), ["cat"])
+    message = str(info.value)
+    counts = Counter(ext or "no extension" for _, ext in files)
+    assert message.startswith(f"{folder}: class 'cat' of the train split holds no images, only {len(files)} file(s)")
+    for ext, n in counts.items():
+        assert f"{n} {ext}" in message, (ext, message)
+    assert " ".join(data.IMAGE_EXTENSIONS) in message
+    paths, errors = predict.expand([str(folder)])
+    assert paths == [] and errors == [f"{folder}: a folder holding no images" + message.split("holds no images", 1)[1]]
+
+
 # ------------------------------------------------------- memory bounded by the configuration
 
 
