@@ -638,9 +638,11 @@ def class_folders(root: str) -> list[str]:
 
 
 def path_problems(tree: dict[str, Any]) -> list[str]:
-    """What the folders and files an experiment names must hold, checked without reading an image.
+    """What the folders and files an experiment names must hold, checked without reading an image:
+    the data folders exist, the weights file exists, the run directory can be created and written.
 
-    Takes the parsed (or dumped) experiment, so the checks also run beside schema errors.
+    Takes the parsed (or dumped) experiment, so the checks also run beside schema errors (a parsed
+    path's `~` is expanded here as the schema would).
     """
     data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
     problems, classes, seen = [], {}, {}
@@ -648,6 +650,7 @@ def path_problems(tree: dict[str, Any]) -> list[str]:
         value = data.get(key)
         if not isinstance(value, str) or not value:
             continue
+        value = os.path.expanduser(value)
         if not Path(value).is_dir():
             problems.append(f"data.{key}: folder {value!r} does not exist (relative paths start at {os.getcwd()})")
             continue
@@ -667,9 +670,31 @@ def path_problems(tree: dict[str, Any]) -> list[str]:
             )
     model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
     weights = model.get("weights")
-    if isinstance(weights, str) and weights not in ("none", "imagenet", "") and not Path(weights).is_file():
+    if isinstance(weights, str) and weights not in ("none", "imagenet", "") and not Path(os.path.expanduser(weights)).is_file():
         problems.append(f"model.weights: file {weights!r} does not exist; use \"none\", \"imagenet\" or a path")
+    output = tree.get("output") if isinstance(tree.get("output"), dict) else {}
+    root = output.get("root", OutputConfig.model_fields["root"].default)
+    if isinstance(root, str) and root:
+        name = tree.get("name")
+        run_dir = Path(os.path.expanduser(root)) / (name if isinstance(name, str) and "/" not in name else "")
+        problem = _unwritable(run_dir)
+        if problem:
+            problems.append(f"output.root: {problem}")
     return problems
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why `folder` (to be created, or written in) cannot be, found before any image is decoded and
+    without writing anything: the nearest part of its path that exists must be a folder this
+    process may create entries in."""
+    existing = Path(os.path.abspath(folder))
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create {str(folder)!r}: {str(existing)!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return f"cannot write in {str(existing)!r} (permission denied or a read-only file system), so no run directory can be made there"
+    return None
 
 
 # ------------------------------------------------------------------------ comparing experiments

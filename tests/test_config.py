@@ -426,6 +426,62 @@ def test_a_run_with_tilde_paths_reads_and_writes_under_home_never_in_a_folder_na
     assert saved["data"]["train_dir"] == str(home / "data" / "train") and saved["output"]["root"] == str(home / "runs")
 
 
+# ---------------------------------------------------------------- an output that cannot be written
+
+folder_names = st.text(st.characters(whitelist_categories=["Ll", "Nd"], max_codepoint=127), min_size=1, max_size=6)
+
+
+@given(parts=st.lists(folder_names, min_size=1, max_size=3), blocked_at=st.none() | st.integers(0, 3))
+@example(parts=["runs"], blocked_at=0)  # output.root is a file
+@example(parts=["a", "b"], blocked_at=2)  # the run directory itself is a file
+def test_an_output_that_cannot_be_created_is_found_before_any_image_is_read(tmp_path_factory, parts, blocked_at):
+    """A file where output.root/<name> needs a folder is reported by the config check (naming
+    output.root and the file), and the run stops with it before decoding an image or writing a file."""
+    base = tmp_path_factory.mktemp("out")
+    make_data(base)
+    folders = [base.joinpath(*parts[: i + 1]) for i in range(len(parts))] + [base.joinpath(*parts, "tiny")]
+    blocker = folders[blocked_at] if blocked_at is not None and blocked_at < len(folders) else None
+    if blocker is not None:
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("a file, not a folder")
+    exp_path = experiment(base, {"data": {"train_dir": str(base / "data" / "train"), "val_dir": str(base / "data" / "val")},
+                                 "output": {"root": str(base.joinpath(*parts))}})
+    found = [p for p in config.path_problems(config.load(exp_path).model_dump(mode="json")) if p.startswith("output.root")]
+    if blocker is None:
+        assert found == []
+        return
+    assert found == [f"output.root: cannot create {str(folders[-1])!r}: {str(blocker)!r} is a file, not a folder"]
+    before = snapshot(base)
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setattr("imgcls.data.read", lambda *a, **k: pytest.fail("an image was read"))
+        mp.setattr("imgcls.data.decode", lambda *a, **k: pytest.fail("an image was read"))
+        assert run.main([str(exp_path), "--quiet"]) == 2
+    assert found[0] in err.getvalue()
+    assert snapshot(base) == before
+
+
+def test_an_output_folder_without_write_permission_is_found_before_any_image_is_read(tmp_path, monkeypatch, capsys):
+    """As any user but root, a folder without write permission; as root (who may write anywhere but
+    on a read-only file system) the same answer from os.access stands in."""
+    make_data(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
+    exp_path = experiment(tmp_path, {"output": {"root": str(locked / "runs")}})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("imgcls.data.read", lambda *a, **k: pytest.fail("an image was read"))
+    assert run.main([str(exp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"output.root: cannot write in {str(locked)!r} (permission denied or a read-only file system)" in err, err
+    assert config.main([str(exp_path)]) == 2
+    assert "output.root: cannot write in" in capsys.readouterr().err
+    locked.chmod(0o755)
+
+
 # ------------------------------------------------------------------------ the resolved experiment
 
 
