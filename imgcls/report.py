@@ -68,7 +68,7 @@ def plot_labels(names: list[str]) -> list[str]:
     labels = [display_name(n, LABEL_CHARS) for n in names]
     seen = Counter(unicodedata.normalize("NFC", label) for label in labels)  # NFC: what looks alike is alike
     return [
-        label if seen[unicodedata.normalize("NFC", label)] == 1 else display_name(name, LABEL_CHARS - len(f" #{i}")) + f" #{i}"
+        label if seen[unicodedata.normalize("NFC", label)] == 1 else f"{display_name(name, LABEL_CHARS - len(f' #{i}'))} #{i}"
         for i, (name, label) in enumerate(zip(names, labels))
     ]
 
@@ -103,8 +103,8 @@ def write_predictions(path: Path, paths: list[str], logits: torch.Tensor, labels
 
 
 def write_csv(out: TextIO, rows: Iterable[list[str]]) -> None:
-    """Rows of names as CSV lines ending in "\n", each field `text_safe`. Python 3.11's writer leaves a
-    field holding a carriage return unquoted (readers then split the row there): such a row is quoted whole."""
+    """Rows of names as CSV lines ending in a line feed, each field `text_safe`. Python 3.11's writer leaves
+    a field holding a carriage return unquoted (readers then split the row there): such a row is quoted whole."""
     plain = csv.writer(out, lineterminator="\n")
     quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
     for row in rows:
@@ -155,7 +155,7 @@ def plot_confusion(path: Path, matrix: list[list[int]], classes: list[str], titl
     n = len(shown)
     labels = plot_labels([classes[i] for i in shown])
     # Half an inch a cell, plus room for the longest tick label (~0.09 inch a character at 10 points).
-    size = min(max(4.0, 0.55 * n + 2 + 0.09 * max(map(len, labels))), MAX_FIGURE_INCHES - 1)
+    size = min(max(4.0, 0.55 * n + 2 + 0.09 * max(map(len, labels), default=0)), MAX_FIGURE_INCHES - 1)
     fig, ax = _pyplot().subplots(figsize=(size + 1, size))
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046)
