@@ -437,6 +437,22 @@ def test_a_decoded_image_fits_the_bound_of_its_experiment_or_is_refused_before_i
         assert image.numel() <= 3 * bound
 
 
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_an_image_past_the_memory_bound_is_a_bad_image_of_the_preflight(tmp_path, policy):
+    """Refused like any unreadable file: listed with its reason, then the run stops or leaves it out."""
+    make_data(tmp_path)
+    strip = tmp_path / "data" / "train" / "cat" / "strip.png"
+    blank_png(strip, 60_000, 1)  # a few hundred bytes; 18 x 1.1 million pixels once resized
+    cfg = data_cfg(tmp_path, on_bad_image=policy)
+    if policy == "fail":
+        with pytest.raises(DataError, match=re.escape(f"{strip}: refused, 60000x1 pixels is longer than 10:1")):
+            data.prepare(cfg, progress=False)
+        return
+    found = data.prepare(cfg, progress=False)
+    assert str(strip) not in found.splits["train"].paths and len(found.splits["train"].paths) == 16
+    assert [b.split(":")[0] for b in found.report["bad_images"]] == [str(strip)]
+
+
 def test_a_100_megapixel_camera_jpeg_decodes_cheaply_at_reduced_scale(tmp_path):
     """PIL's decompression-bomb guard counts the header's pixels; a JPEG is counted after draft
     mode has shrunk it (1/8 here), so a large photo is neither refused nor decoded at full size."""
