@@ -24,12 +24,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from imgcls.errors import ConfigError, guarded
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Range = Annotated[list[float], Field(min_length=2, max_length=2)]
 
 # Upper bounds on every number that sizes memory, so an experiment that cannot fit is refused when
 # the file loads, not by the operating system in epoch 1. Constants, not the machine's: a run is a
 # pure function of its file. Epoch counts (epochs, step_size, patience) cost time, not memory, and
 # stay unbounded; gaussian_blur.kernel_size is bounded by the side it blurs (_augment_size_problems).
-MAX_IMAGE_SIZE = 2048  # training activations grow with the side squared: 2048 already takes gigabytes per image
+MAX_IMAGE_SIZE = 2048  # ResNet18 keeps 80 MB of activations per 224-pixel image for backward; 6.6 GB at 2048
 MAX_RESIZE_SIZE = 4096  # one cached 4096x4096 image is 50 MB (data.MAX_ASPECT times that at most)
 MAX_BATCH_SIZE = 4096  # 4096 images of 224 pixels are 2.5 GB as float32, before any activation
 MAX_WORKERS = 64  # each worker is a whole Python process with torch loaded (hundreds of MB)
@@ -38,7 +39,6 @@ MAX_HIDDEN = 65536  # Linear(4096, 65536) holds 268 M weights (1 GB)
 MAX_MAGNITUDE_BINS = 256  # 8-bit images have 256 levels; torchvision builds tables this long for every image
 MAX_NUM_OPS = 16  # each op is a pass over the image; RandAugment's paper uses 1 to 3
 MAX_SEED = 2**32 - 1  # NumPy's global seeding takes 32 bits
-Range = Annotated[list[float], Field(min_length=2, max_length=2)]
 
 
 def _home(path: str) -> str:
