@@ -21,6 +21,7 @@ from imgcls import config, run, rundir
 from imgcls.errors import ConfigError, UserError
 from spec.strategies import experiments
 from imgcls.evaluate import load_for_inference, split_logits
+from imgcls.run import main as run_main
 
 from .fixtures import experiment, make_data, make_shapes_data, shapes_overrides
 
@@ -121,6 +122,24 @@ def test_predict_writes_csv(finished_run):
     assert result.returncode == 0, result.stderr
     (row,) = list(csv.DictReader(result.stdout.splitlines()))
     assert row["path"] == str(image) and row["class1"] in ("circle", "square", "triangle")
+
+
+# Class folder names that once crashed a run after training, so that metrics.json was never written:
+# mathtext with an unknown command, bytes that are not UTF-8, a line break, one letter in two normalisations.
+HOSTILE_CLASSES = ("$\\undefinedcommand$", os.fsdecode(b"caf\xe9"), "line\nbreak", "e\u0301", "\u00e9")
+
+
+def test_a_run_whose_class_folders_have_hostile_names_writes_every_result(tmp_path, monkeypatch):
+    make_data(tmp_path, train=4, val=2, classes=HOSTILE_CLASSES)
+    monkeypatch.chdir(tmp_path)
+    exp_path = experiment(tmp_path, {"train": {"epochs": 1}})
+    assert run_main([str(exp_path), "--quiet"]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["classes"] == sorted(HOSTILE_CLASSES)  # exact, the non-UTF-8 byte included
+    for name in ("predictions_val.csv", "classification_report.txt", "history.csv"):
+        (run_dir / name).read_bytes().decode("utf-8")  # strict: valid UTF-8
+    Image.open(run_dir / "confusion_matrix_val.png").verify()
 
 
 def test_a_finished_run_is_never_overwritten(finished_run):
