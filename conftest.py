@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # too_slow: on a shared 2-core machine, drawing a whole experiment can take longer than hypothesis expects.
@@ -25,3 +26,10 @@ settings.register_profile(
 )
 settings.register_profile("fuzz", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def own_home(tmp_path_factory, monkeypatch) -> None:
+    """Each test gets an empty home folder, so the default data.cache_dir (~/.cache/imgcls) starts
+    empty: no test's result hangs on what an earlier test (or the user) left in a cache."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))

@@ -8,7 +8,7 @@ provenance.NEAR_DUPLICATE_BITS:
   hashes are within t bits: how many, and what fraction of all such pairs;
 - recall on copies: `--copies` training images, each resized by a factor drawn from [0.5, 2] (PIL
   bilinear, bicubic or Lanczos) and re-saved as JPEG at a quality drawn from [60, 95]; a copy is
-  found when it is within t bits of its original, both decoded by data.decode at `--resize`.
+  found when it is within t bits of its original, both decoded by decoding.decode at `--resize`.
 
 Prints one table per hash for t = 0..12, then the closest distinct pairs, to look at: some may be
 one photo stored twice (a true duplicate in the data, not a false pair).
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from imgcls import data, provenance
+from imgcls import data, decoding, provenance
 
 THRESHOLDS = range(13)
 FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
@@ -55,7 +55,7 @@ def load_splits(root: str) -> dict[str, data.Split]:
 def make_copy(path: str, rng: np.random.Generator, resize: int, scratch: str) -> torch.Tensor:
     """The file resized by a factor in [0.5, 2], re-saved as JPEG q60..95 and decoded as the run would."""
     with Image.open(path) as img:
-        img = data.to_rgb(ImageOps.exif_transpose(img))
+        img = decoding.to_rgb(ImageOps.exif_transpose(img))
     factor = rng.uniform(0.5, 2.0)
     size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
     img = img.resize(size, FILTERS[str(rng.choice(list(FILTERS)))])
@@ -64,7 +64,7 @@ def make_copy(path: str, rng: np.random.Generator, resize: int, scratch: str) ->
     copy = os.path.join(scratch, "copy.jpg")
     with open(copy, "wb") as f:
         f.write(buffer.getvalue())
-    return data.decode(copy, resize)
+    return decoding.decode(copy, resize)
 
 
 def distinct_pairs(hashes: dict[str, list[int]], splits: dict[str, data.Split]) -> list[tuple[int, str, str]]:
@@ -82,7 +82,7 @@ def distinct_pairs(hashes: dict[str, list[int]], splits: dict[str, data.Split]) 
 
 def measure(name: str, splits: dict[str, data.Split], resize: int, copies: int, seed: int) -> None:
     fn = HASHES[name]
-    hashes = {n: [fn(data.decode(p, resize)) for p in split.paths] for n, split in splits.items()}
+    hashes = {n: [fn(decoding.decode(p, resize)) for p in split.paths] for n, split in splits.items()}
     pairs = distinct_pairs(hashes, splits)
     rng = np.random.default_rng(seed)
     train = splits["train"]

@@ -10,7 +10,7 @@ import torch
 
 from bench.common import CACHE, PYTHON, ROOT, env_for_subprocess, generated_folder, interleaved, ratio
 from bench.loop import MODELS, experiment
-from imgcls import config, data, evaluate, models, predict, train
+from imgcls import config, data, decoding, evaluate, models, predict, train
 from imgcls.rundir import RunDir
 
 
@@ -34,7 +34,7 @@ def folder(name: str, quick: bool, rounds: int) -> dict[str, Any]:
     paths, _ = predict.expand([f"{root}/val"])
     transform = data.eval_transform(loaded.exp.data.image_size)
     batch = loaded.exp.data.eval_batch_size
-    crops = [transform(data.decode(p, loaded.exp.data.resize_size)) for p in paths]
+    crops = [transform(decoding.decode(p, loaded.exp.data.resize_size)) for p in paths]
     ready = [loaded.inputs.prepare(torch.stack(crops[i : i + batch])) for i in range(0, len(crops), batch)]
 
     def imgcls_predict() -> float:

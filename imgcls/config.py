@@ -34,7 +34,7 @@ MAX_RATE = 1e3
 # pure function of its file. Epoch counts (epochs, step_size, patience) cost time, not memory, and
 # stay unbounded; gaussian_blur.kernel_size is bounded by the side it blurs (_augment_size_problems).
 MAX_IMAGE_SIZE = 2048  # ResNet18 keeps 80 MB of activations per 224-pixel image for backward; 6.6 GB at 2048
-MAX_RESIZE_SIZE = 4096  # one cached 4096x4096 image is 50 MB (data.MAX_ASPECT times that at most)
+MAX_RESIZE_SIZE = 4096  # one cached 4096x4096 image is 50 MB (decoding.MAX_ASPECT times that at most)
 MAX_BATCH_SIZE = 4096  # 4096 images of 224 pixels are 2.5 GB as float32, before any activation
 MAX_WORKERS = 64  # each worker is a whole Python process with torch loaded (hundreds of MB)
 MAX_CHANNELS = 4096  # a conv3x3 from 4096 to 4096 channels holds 151 M weights (600 MB)
@@ -111,6 +111,16 @@ class DataConfig(Section):
     )
     num_workers: int = Field(
         0, ge=0, le=MAX_WORKERS, description=f"DataLoader worker processes (0: load in the main process; at most {MAX_WORKERS})"
+    )
+    cache_dir: PathText = Field(
+        "~/.cache/imgcls",
+        description="folder of decoded-image caches (one file per split and resize_size, named by the files' "
+        "SHA-256s), reused by every run, resume and evaluate over the same files; delete it to free the space",
+    )
+    decode_workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
+        "auto",
+        description=f'processes that decode images when a cache is built ("auto": one per CPU this process may use; '
+        f"at most {MAX_WORKERS}); the cache's bytes are the same for any number",
     )
     normalize: Literal["imagenet", "half"] | NormalizeStats = Field(
         "imagenet",
@@ -687,6 +697,9 @@ def path_problems(tree: dict[str, Any]) -> list[str]:
     weights = model.get("weights")
     if isinstance(weights, str) and weights not in ("none", "imagenet", "") and not Path(os.path.expanduser(weights)).is_file():
         problems.append(f"model.weights: file {weights!r} does not exist; use \"none\", \"imagenet\" or a path")
+    cache_dir = data.get("cache_dir", DataConfig.model_fields["cache_dir"].default)
+    if isinstance(cache_dir, str) and cache_dir and (problem := _unwritable(Path(os.path.expanduser(cache_dir)))):
+        problems.append(f"data.cache_dir: {problem.replace('no run directory', 'no decoded cache')}")
     output = tree.get("output") if isinstance(tree.get("output"), dict) else {}
     root = output.get("root", OutputConfig.model_fields["root"].default)
     if isinstance(root, str) and root:
@@ -715,8 +728,9 @@ def _unwritable(folder: Path) -> str | None:
 # ------------------------------------------------------------------------ comparing experiments
 
 # Keys that cannot change a run's numbers, so a resume may change them: workers only move work
-# around (augmentation is keyed by sample), and the root only says where the run directory lives.
-RESULT_NEUTRAL = frozenset({"data.num_workers", "output.root"})
+# around (augmentation is keyed by sample, the cache's bytes are fixed by the file list), and the
+# folders only say where the run directory and the decoded caches live.
+RESULT_NEUTRAL = frozenset({"data.num_workers", "data.decode_workers", "data.cache_dir", "output.root"})
 
 
 # Keys that decide what a trained model answers for an image: the network, the eval preprocessing

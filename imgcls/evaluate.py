@@ -138,7 +138,7 @@ def split_logits(trained: Trained, split: str) -> tuple[list[str], torch.Tensor,
     if root is None:
         raise ConfigError("experiment", ["data.test_dir is not set, so there is no test split to evaluate"])
     images = data.scan_split(split, root, trained.classes)
-    decoded, failures = data.decode_split(images, exp.data.resize_size, progress=False)
+    decoded, failures = data.decode_split(images, exp.data, progress=False)
     for f in failures:
         print(f"skipped: {f}", file=sys.stderr)
     logits, labels = logits_of(trained.model, data.split_loader(exp, images, decoded), trained.inputs)

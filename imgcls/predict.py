@@ -19,7 +19,7 @@ from typing import Iterator, TextIO
 
 import torch
 
-from imgcls import data, evaluate, report
+from imgcls import data, decoding, evaluate, report
 from imgcls.errors import DataError, guarded
 
 
@@ -79,7 +79,7 @@ def _decoded_ahead(paths: list[str], resize_size: int, window: int) -> Iterator[
 
     def attempt(path: str) -> torch.Tensor | DataError:
         try:
-            return data.decode(path, resize_size)
+            return decoding.decode(path, resize_size)
         except DataError as e:
             return e
 

@@ -1,6 +1,6 @@
 """Claim 11 (transforms part): eval transforms are deterministic, train augmentations keep shape, dtype, label.
 
-Images reach the transforms as `data.decode` leaves them: uint8 (3, H, W) with the shorter side
+Images reach the transforms as `decoding.decode` leaves them: uint8 (3, H, W) with the shorter side
 equal to data.resize_size. Samples are drawn through `data.ImageSet`, keyed by (epoch, index).
 """
 

@@ -230,6 +230,7 @@ BOUNDED = {
             ("batch_size", config.MAX_BATCH_SIZE),
             ("eval_batch_size", config.MAX_BATCH_SIZE),
             ("num_workers", config.MAX_WORKERS),
+            ("decode_workers", config.MAX_WORKERS),
         )
     },
     **{
@@ -324,7 +325,7 @@ def test_impossible_values_stop_the_run_before_any_image_is_read(tmp_path, monke
     def no_reading(*args, **kwargs):
         raise AssertionError("an image was read before the experiment was checked")
 
-    monkeypatch.setattr("imgcls.data.decode", no_reading)
+    monkeypatch.setattr("imgcls.decoding.open_regular", no_reading)
     monkeypatch.setattr("imgcls.data.scan_classes", no_reading)
     assert run.main([str(exp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -454,8 +455,7 @@ def test_an_output_that_cannot_be_created_is_found_before_any_image_is_read(tmp_
     before = snapshot(base)
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
-        mp.setattr("imgcls.data.read", lambda *a, **k: pytest.fail("an image was read"))
-        mp.setattr("imgcls.data.decode", lambda *a, **k: pytest.fail("an image was read"))
+        mp.setattr("imgcls.decoding.open_regular", lambda *a, **k: pytest.fail("an image was read"))
         assert run.main([str(exp_path), "--quiet"]) == 2
     assert found[0] in err.getvalue()
     assert snapshot(base) == before
@@ -473,7 +473,7 @@ def test_an_output_folder_without_write_permission_is_found_before_any_image_is_
         monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
     exp_path = experiment(tmp_path, {"output": {"root": str(locked / "runs")}})
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("imgcls.data.read", lambda *a, **k: pytest.fail("an image was read"))
+    monkeypatch.setattr("imgcls.decoding.open_regular", lambda *a, **k: pytest.fail("an image was read"))
     assert run.main([str(exp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"output.root: cannot write in {str(locked)!r} (permission denied or a read-only file system)" in err, err

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile
 
-from imgcls import checkpoint, config, data, evaluate, models, predict, run, rundir
+from imgcls import checkpoint, config, data, decoding, evaluate, models, predict, run, rundir
 from imgcls.errors import DataError
 
 from .fixtures import (
@@ -178,12 +178,12 @@ def test_a_truncated_image_is_refused_or_complete_never_half_grey(tmp_path, fmt)
     whole = buf.getvalue()
     path = tmp_path / f"x.{fmt.lower()}"
     path.write_bytes(whole)
-    reference = data.decode(str(path), 48)
+    reference = decoding.decode(str(path), 48)
     refused = 0
     for cut in sorted(set(np.linspace(1, len(whole) - 1, 40).astype(int))):
         path.write_bytes(whole[:cut])
         try:
-            image = data.decode(str(path), 48)
+            image = decoding.decode(str(path), 48)
         except DataError:
             refused += 1
             continue
@@ -205,11 +205,11 @@ def colour_mode_images(folder) -> dict[str, tuple[int, int, int]]:
 
     save("cmyk.jpg", Image.new("CMYK", (8, 8), (0, 255, 0, 0)), (255, 0, 255), quality=100)  # magenta
     save("grey.png", Image.new("L", (8, 8), 77), (77, 77, 77))
-    save("grey_alpha.png", Image.new("LA", (8, 8), (40, 0)), data.BACKGROUND)  # fully transparent
+    save("grey_alpha.png", Image.new("LA", (8, 8), (40, 0)), decoding.BACKGROUND)  # fully transparent
     save("rgba.png", Image.new("RGBA", (8, 8), (255, 0, 0, 128)), (255, 127, 127))  # half red on white
     palette = Image.new("P", (8, 8), 1)
     palette.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)
-    save("palette.png", palette, data.BACKGROUND, transparency=1)  # index 1 (red) is transparent
+    save("palette.png", palette, decoding.BACKGROUND, transparency=1)  # index 1 (red) is transparent
     save("one_bit.png", Image.new("1", (8, 8), 1), (255, 255, 255))
     sixteen = np.full((8, 8), 0xC8FF, dtype=np.uint16)  # 51455 of 65535: level 200 of 255, not clipped at 255
     save("sixteen_bit.png", Image.fromarray(sixteen), (200, 200, 200))
@@ -221,7 +221,7 @@ def test_every_colour_mode_becomes_the_right_three_channels(tmp_path):
     with Image.open(tmp_path / "sixteen_bit.png") as img:
         assert img.mode == "I;16"
     for name, rgb in expected.items():
-        image = data.decode(str(tmp_path / name), 8)
+        image = decoding.decode(str(tmp_path / name), 8)
         assert image.shape == (3, 8, 8) and image.dtype == torch.uint8, name
         got = image.reshape(3, -1)
         assert (got - torch.tensor(rgb).view(3, 1)).abs().max() <= 2, (name, got[:, 0].tolist(), rgb)
@@ -241,7 +241,7 @@ def exif_rotated_jpeg(path) -> None:
 
 def test_exif_rotated_jpeg_comes_out_upright(tmp_path):
     exif_rotated_jpeg(tmp_path / "sideways.jpg")
-    image = data.decode(str(tmp_path / "sideways.jpg"), 12)
+    image = decoding.decode(str(tmp_path / "sideways.jpg"), 12)
     assert image.shape == (3, 24, 12)
     top, bottom = image[:, 2, 6].tolist(), image[:, 21, 6].tolist()
     assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50, (top, bottom)
@@ -250,13 +250,13 @@ def test_exif_rotated_jpeg_comes_out_upright(tmp_path):
 def test_a_camera_multi_picture_jpeg_is_its_first_picture(tmp_path):
     first, preview = Image.new("RGB", (16, 8), (200, 10, 10)), Image.new("RGB", (16, 8), (0, 0, 255))
     first.save(tmp_path / "mpo.jpg", format="MPO", save_all=True, append_images=[preview])
-    image = data.decode(str(tmp_path / "mpo.jpg"), 8)
+    image = decoding.decode(str(tmp_path / "mpo.jpg"), 8)
     assert (image.reshape(3, -1).float().mean(1) - torch.tensor([200.0, 10, 10])).abs().max() < 8
 
 
 def test_training_evaluate_and_predict_see_the_same_pixels(tmp_path, monkeypatch, capsys):
     """The uint8 images the model receives in training, in evaluate and in predict are all the
-    centre crop of data.decode's output (recovered exactly from the normalised input)."""
+    centre crop of decoding.decode's output (recovered exactly from the normalised input)."""
     make_data(tmp_path)
     modes = colour_mode_images(tmp_path / "modes")
     exif_rotated_jpeg(tmp_path / "modes" / "sideways.jpg")
@@ -267,7 +267,7 @@ def test_training_evaluate_and_predict_see_the_same_pixels(tmp_path, monkeypatch
     exp_path = experiment(tmp_path, {"augment": [], "train": {"epochs": 1, "channels_last": False},
                                      "data": {"normalize": "half", "image_size": 8, "resize_size": 8}, "model": {"channels": [8]}})
     crop = data.eval_transform(8)
-    expected = [crop(data.decode(str(tmp_path / "modes" / n), 8)).numpy().tobytes() for n in names]
+    expected = [crop(decoding.decode(str(tmp_path / "modes" / n), 8)).numpy().tobytes() for n in names]
     assert len(modes) + 1 == len(names)
 
     seen: list[bytes] = []
@@ -359,7 +359,7 @@ def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(tmp_path,
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(DataError, match="too many pixels"):
-        data.decode(str(tmp_path / "bomb.png"), 16)
+        decoding.decode(str(tmp_path / "bomb.png"), 16)
 
 
 def test_animated_images_folders_named_like_images_and_broken_links_are_bad_files(tmp_path):
@@ -374,7 +374,7 @@ def test_animated_images_folders_named_like_images_and_broken_links_are_bad_file
                "moving.png": "animated or multi-page image (2 frames)"}
     for path in listed:
         with pytest.raises(DataError, match=re.escape(f"{path}: {reasons[os.path.basename(path)]}")):
-            data.decode(path, 16)
+            decoding.decode(path, 16)
 
 
 # ------------------------------------------------------- images under extensions imgcls does not read
@@ -436,15 +436,15 @@ def test_a_decoded_image_fits_the_bound_of_its_experiment_or_is_refused_before_i
     path = str(tmp_path_factory.mktemp("shape") / "image.png")
     width, height = (long, short) if wide else (short, long)
     blank_png(path, width, height)
-    bound = data.MAX_ASPECT * resize_size**2
-    new_h, new_w = data.resized_shape(height, width, resize_size)
+    bound = decoding.MAX_ASPECT * resize_size**2
+    new_h, new_w = decoding.resized_shape(height, width, resize_size)
     if new_h * new_w > bound:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(ImageFile.ImageFile, "load", lambda self: (_ for _ in ()).throw(PixelsDecoded()))
             with pytest.raises(DataError, match=re.escape(f"{path}: refused, {width}x{height} pixels is longer than")):
-                data.decode(path, resize_size)
+                decoding.decode(path, resize_size)
     else:
-        image = data.decode(path, resize_size)
+        image = decoding.decode(path, resize_size)
         assert image.shape == (3, new_h, new_w) and min(new_h, new_w) == resize_size
         assert image.numel() <= 3 * bound
 
@@ -478,7 +478,7 @@ def test_a_100_megapixel_camera_jpeg_decodes_cheaply_at_reduced_scale(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ImageFile.ImageFile, "load", recording_load)
-        image = data.decode(str(tmp_path / "camera.jpg"), 64)
+        image = decoding.decode(str(tmp_path / "camera.jpg"), 64)
     assert image.shape == (3, 64, 85) and abs(int(image[0, 32, 42]) - 90) <= 2
     assert set(decoded_sizes) == {(1456, 1092)}  # 1/8 of each side: 1.6 megapixels decoded, not 102
 
@@ -518,16 +518,16 @@ def greyscale_arrays():
 @example(values=np.tile(np.linspace(0, 4e9, 8).astype(np.uint32), (8, 1)))  # up to 4e9: was saturated
 @example(values=np.full((8, 8), 200, dtype=np.int32))  # 8-bit levels in a 32-bit file: was black
 def test_32_bit_and_float_greyscale_is_mapped_by_its_range_or_refused(tmp_path_factory, values):
-    """A TIFF of mode "I" or "F" becomes 8-bit levels by the documented rule (`data.levels`), or is
+    """A TIFF of mode "I" or "F" becomes 8-bit levels by the documented rule (`decoding.levels`), or is
     refused naming the file; never clipped into black or white."""
     path = str(tmp_path_factory.mktemp("grey") / "image.tif")
     grey_tiff(path, values)
     expected = expected_levels(values)
     if expected is None:
         with pytest.raises(DataError, match=re.escape(path) + ".*(negative|NaN or infinite)"):
-            data.decode(path, 8)
+            decoding.decode(path, 8)
         return
-    image = data.decode(path, 8)
+    image = decoding.decode(path, 8)
     assert image.shape == (3, *values.shape)
     assert torch.equal(image[0], image[2])
     assert np.abs(image[0].numpy().astype(np.int64) - expected).max() <= 1, (values, image[0])

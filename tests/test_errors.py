@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from imgcls.errors import UserError, guarded
 
-from .fixtures import REPO, cli, cli_env, experiment, make_data
+from .fixtures import cli, cli_env, experiment, make_data
 
 # ---------------------------------------------------------------------------------- in-process
 

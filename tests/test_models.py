@@ -78,12 +78,12 @@ def test_frozen_backbone_has_no_trainable_parameters_and_stays_in_eval_mode():
 
 
 def test_missing_imagenet_weights_stop_the_run_before_any_file_is_written(tmp_path, shapes_data, monkeypatch):
-    from imgcls import data, run
+    from imgcls import decoding, run
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub-home"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     decoded = []
-    monkeypatch.setattr(data, "decode", lambda *a, **k: decoded.append(a) or torch.zeros(3, 40, 40, dtype=torch.uint8))
+    monkeypatch.setattr(decoding, "read", lambda *a, **k: decoded.append(a) or pytest.fail("an image was decoded"))
     exp = config.validate(
         {
             "name": "r",

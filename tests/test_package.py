@@ -21,7 +21,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "imgcls"
 LAYERS = [
     {"errors"},
     {"config", "stats"},
-    {"runtime", "checkpoint", "provenance"},
+    {"runtime", "checkpoint", "provenance", "decoding"},
+    {"cache"},
     {"data", "models", "report", "datasets"},
     {"train"},
     {"evaluate"},

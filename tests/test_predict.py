@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from imgcls import data
+from imgcls import decoding
 from imgcls.errors import DataError
 
 from .fixtures import bomb_png, cli, cli_env, image_array, train_tiny
@@ -73,7 +73,7 @@ def test_the_eps_file_would_start_ghostscript_if_its_decoder_were_allowed(tmp_pa
     assert marker.exists()
     marker.unlink()
     with pytest.raises(DataError, match="not an image in a supported format"):
-        data.decode(str(tmp_path / "vector.jpg"), 16)
+        decoding.decode(str(tmp_path / "vector.jpg"), 16)
     assert not marker.exists()
 
 
@@ -114,7 +114,7 @@ def test_decode_ahead_keeps_order_errors_and_its_window(monkeypatch):
             raise DataError(f"{path}: unreadable")
         return path
 
-    monkeypatch.setattr(data, "decode", fake_decode)
+    monkeypatch.setattr(decoding, "decode", fake_decode)
     paths = [f"{'bad' if i % 5 == 3 else 'ok'}{i}" for i in range(40)]
     window = 4
     seen = []

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import imgcls
-from imgcls import data, provenance
+from imgcls import decoding, provenance
 
 from .fixtures import structured_image
 
@@ -41,19 +41,19 @@ def one_thread() -> Iterator[None]:
 
 
 def decoded(img: Image.Image, fmt: str, resize_size: int, **save_options) -> torch.Tensor:
-    """img saved as fmt and read back by data.decode, the run's own decoder."""
+    """img saved as fmt and read back by decoding.decode, the run's own decoder."""
     buffer = io.BytesIO()
     img.save(buffer, fmt, **save_options)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, f"image.{fmt.lower()}")
         Path(path).write_bytes(buffer.getvalue())
-        return data.decode(path, resize_size)
+        return decoding.decode(path, resize_size)
 
 
 def resized_jpeg_copy_distance(rng: np.random.Generator) -> int:
     """Bits between a generated image and its copy: 16..200 px a side, at most 8:1 (decode refuses
-    past data.MAX_ASPECT, and the copy's rounding must not cross it), resized 0.5-2x with PIL, saved
-    as JPEG q60-95, both decoded by data.decode at one of the runs' usual sizes."""
+    past decoding.MAX_ASPECT, and the copy's rounding must not cross it), resized 0.5-2x with PIL, saved
+    as JPEG q60-95, both decoded by decoding.decode at one of the runs' usual sizes."""
     height = int(rng.integers(16, 201))
     width = int(rng.integers(max(16, -(-height // 8)), min(200, 8 * height) + 1))
     factor, quality = rng.uniform(0.5, 2.0), int(rng.integers(60, 96))

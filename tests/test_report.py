@@ -14,7 +14,6 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
