@@ -233,9 +233,10 @@ def _decoded(jobs: list[tuple[str, str]], resize_size: int, workers: int) -> Ite
     if workers <= 1 or len(jobs) < POOL_MIN_IMAGES:
         yield from (_decode_one(job, resize_size) for job in jobs)
         return
-    # spawn, not fork: forking a process whose torch threads may hold locks can deadlock the child.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    # The platform's default start method, as DataLoader workers use: fork on Linux (torch resets
+    # its thread pools in a forked child); spawn elsewhere, where a script that runs imgcls needs
+    # the usual `if __name__ == "__main__":` guard, as for DataLoader workers.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
         yield from pool.map(_decode_one, jobs, [resize_size] * len(jobs), chunksize=CHUNK)
 
 
@@ -287,6 +288,8 @@ def decoded_split(paths: list[str], resize_size: int, cache_dir: str, workers: i
         loaded = load(path, name_key, len(readable))
         if isinstance(loaded, str):
             raise DataError(f"{path}: the decoded cache just written does not read back ({loaded}); check the disk")
+    if progress:
+        print(f"{name}: decoded cache {'reused' if hit else 'built'} ({path})", file=sys.stderr)
     images, entries = loaded
     errors = {i: h for i, h in enumerate(hashed) if isinstance(h, str)}
     errors |= {i: e["error"].replace(PATH, paths[i]) for i, e in zip(readable, entries) if "error" in e}
