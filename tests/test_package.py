@@ -25,6 +25,7 @@ LAYERS = [
     {"evaluate"},
     {"predict", "rundir"},
     {"run"},
+    {"verify"},
 ]
 
 
