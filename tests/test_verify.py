@@ -4,21 +4,28 @@ first epoch that differs is named with the columns that differ; a cuda run is co
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from imgcls import checkpoint, data, run, verify
+from imgcls import checkpoint, config, data, run, train, verify
 
 from .fixtures import fingerprint, image_array, train_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A finished 3-epoch run of the tiny experiment: (base folder, run directory). Tests must not change it."""
+    """A finished 2-epoch run of the tiny experiment: (base folder, run directory). Tests must not change it."""
     base = tmp_path_factory.mktemp("verify")
-    train_tiny(base)
+    train_tiny(base, {"train": {"epochs": 2}})
+    return base, base / "runs" / "tiny"
+
+
+def copy_of(tiny_run: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the tiny run with its data, for a test that changes either."""
+    base = shutil.copytree(tiny_run[0], tmp_path / "copy")
     return base, base / "runs" / "tiny"
 
 
@@ -26,39 +33,39 @@ def tensors_in(run_dir: Path) -> int:
     return len(checkpoint.load(run_dir / "last.safetensors").model)
 
 
-def calls_of_run(monkeypatch) -> list[dict]:
-    """Record run.run's keyword arguments, still running it."""
-    calls, real = [], run.run
-    monkeypatch.setattr(run, "run", lambda exp, **kw: calls.append(kw) or real(exp, **kw))
-    return calls
+def count_epochs_trained(monkeypatch) -> list[int]:
+    """Record the epoch of every train.train_one_epoch call, still training."""
+    epochs, real = [], train.train_one_epoch
+    monkeypatch.setattr(train, "train_one_epoch", lambda feed, opt, epoch, progress: epochs.append(epoch) or real(feed, opt, epoch, progress))
+    return epochs
 
 
 def test_a_run_verifies_bit_identically(tiny_run, monkeypatch, capsys):
     base, run_dir = tiny_run
     monkeypatch.chdir(base)  # the experiment's relative data paths start there
-    calls = calls_of_run(monkeypatch)
+    epochs = count_epochs_trained(monkeypatch)
     files = fingerprint(run_dir)
     assert verify.main([str(run_dir)]) == 0
-    assert capsys.readouterr().out.strip() == f"bit-identical through epoch 3 ({tensors_in(run_dir)} tensors)"
-    assert [c["stop_after"] for c in calls] == [3]
+    assert capsys.readouterr().out.strip() == f"bit-identical through epoch 2 ({tensors_in(run_dir)} tensors)"
+    assert epochs == [1, 2]
     assert fingerprint(run_dir) == files  # the run directory is only read
     assert sorted(p.name for p in base.iterdir()) == ["data", "exp.toml", "runs"]  # nothing written beside it
 
 
-def test_epochs_1_verifies_only_the_first_epoch(tiny_run, monkeypatch, capsys):
+def test_epochs_1_trains_and_verifies_only_the_first_epoch(tiny_run, monkeypatch, capsys):
     base, run_dir = tiny_run
     monkeypatch.chdir(base)
-    calls = calls_of_run(monkeypatch)
+    epochs = count_epochs_trained(monkeypatch)
     assert verify.main([str(run_dir), "--epochs", "1"]) == 0
-    assert "bit-identical through epoch 1 (" in capsys.readouterr().out
-    assert [c["stop_after"] for c in calls] == [1]
+    assert capsys.readouterr().out.strip() == f"bit-identical through epoch 1 ({tensors_in(run_dir)} tensors)"
+    assert epochs == [1]
 
 
 def test_the_first_divergent_epoch_is_named_with_what_differs(tiny_run, monkeypatch, capsys):
     base, run_dir = tiny_run
     monkeypatch.chdir(base)
     real = data.sample_seed
-    # From epoch 2 on, another shuffle and other augmentations: epoch 1 stays bit-identical.
+    # From epoch 2 on, other augmentations in the re-run: its epoch 1 stays bit-identical.
     monkeypatch.setattr(data, "sample_seed", lambda seed, epoch, index: real(seed + (epoch >= 2), epoch, index))
     assert verify.main([str(run_dir)]) == 1
     out = capsys.readouterr().out
@@ -68,11 +75,10 @@ def test_the_first_divergent_epoch_is_named_with_what_differs(tiny_run, monkeypa
     assert "epoch 1" not in out
 
 
-def test_changed_data_is_named_before_any_training_and_anyway_finds_the_divergence(tmp_path, monkeypatch, capsys):
-    train_tiny(tmp_path)
-    run_dir = tmp_path / "runs" / "tiny"
-    Image.fromarray(image_array(0, 77)).save(tmp_path / "data" / "train" / "cat" / "0.png")
-    monkeypatch.chdir(tmp_path)
+def test_changed_data_is_named_before_any_training_and_anyway_finds_the_divergence(tiny_run, tmp_path, monkeypatch, capsys):
+    base, run_dir = copy_of(tiny_run, tmp_path)
+    Image.fromarray(image_array(0, 77)).save(base / "data" / "train" / "cat" / "0.png")
+    monkeypatch.chdir(base)
 
     def no_training(*args, **kwargs):
         raise AssertionError("verify trained although the inputs changed")
@@ -82,12 +88,43 @@ def test_changed_data_is_named_before_any_training_and_anyway_finds_the_divergen
         assert verify.main([str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert "inputs changed since the run" in err and "data: train: changed cat/0.png" in err
-    assert "--anyway" in err
+    assert "--anyway" in err and "re-running" not in err
 
     assert verify.main([str(run_dir), "--anyway"]) == 1
     captured = capsys.readouterr()
     assert "data: train: changed cat/0.png" in captured.err
     assert "does not reproduce: epoch 1 differs:" in captured.out
+
+
+def test_changed_code_and_environment_are_named_key_by_key():
+    before = {"data": {"splits": {}}, "weights": {"source": "none"}, "code": {"commit": "a1", "dirty": False},
+              "environment": {"torch": "2.4.0", "variables": {"OMP_NUM_THREADS": None}}}
+    now = {"data": {"splits": {}}, "weights": {"source": "none"}, "code": {"commit": "b2", "dirty": False},
+           "environment": {"torch": "2.5.1", "variables": {"OMP_NUM_THREADS": "4"}}}
+    assert verify.input_changes(before, now) == [
+        'code.commit: "a1" (run) vs "b2" (now)',
+        'environment.torch: "2.4.0" (run) vs "2.5.1" (now)',
+        'environment.variables.OMP_NUM_THREADS: absent (run) vs "4" (now)',
+    ]
+    assert verify.input_changes(before, before) == []
+
+
+def test_a_run_whose_output_root_is_read_only_now_still_verifies(tiny_run, monkeypatch, capsys):
+    """Only the scratch folder is written, so only it must be writable."""
+    base, run_dir = tiny_run
+    monkeypatch.chdir(base)
+    monkeypatch.setattr(config, "_unwritable", lambda folder: None if "imgcls-verify-" in str(folder) else "read-only")
+    assert verify.main([str(run_dir), "--epochs", "1"]) == 0
+    assert "bit-identical through epoch 1" in capsys.readouterr().out
+
+
+def test_started_elsewhere_it_names_the_folder_the_run_started_in(tiny_run, tmp_path, monkeypatch, capsys):
+    base, run_dir = tiny_run
+    monkeypatch.chdir(tmp_path)
+    assert verify.main([str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "data.train_dir: folder 'data/train' does not exist" in err
+    assert f"start it in the folder the run was started in ({base}, by output.root and name)" in err
 
 
 @pytest.mark.parametrize(
@@ -104,20 +141,29 @@ def test_a_folder_that_is_no_run_is_a_user_error(tmp_path, capsys, files, messag
     assert message in capsys.readouterr().err
 
 
-def test_a_damaged_manifest_is_a_user_error(tmp_path, monkeypatch, capsys):
-    train_tiny(tmp_path)
-    run_dir = tmp_path / "runs" / "tiny"
+def test_a_damaged_manifest_is_a_user_error(tiny_run, tmp_path, monkeypatch, capsys):
+    base, run_dir = copy_of(tiny_run, tmp_path)
     (run_dir / "manifest.json").write_text('{"weights": "none"}')
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(base)
     assert verify.main([str(run_dir)]) == 2
     assert "manifest.json: damaged" in capsys.readouterr().err
 
 
-def test_epochs_beyond_the_run_are_refused(tiny_run, monkeypatch, capsys):
+def test_a_history_without_weight_digests_is_refused(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text((Path(__file__).parent.parent / "experiments" / "scratch_cnn.toml").read_text())
+    (run_dir / "history.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc,lr\n1,0.7,0.5,0.8,0.5,0.05\n")
+    assert verify.main([str(run_dir)]) == 2
+    assert "history.csv has no weights column" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("epochs", ["3", "0"])
+def test_epochs_outside_the_run_are_refused(tiny_run, monkeypatch, capsys, epochs):
     base, run_dir = tiny_run
     monkeypatch.chdir(base)
-    assert verify.main([str(run_dir), "--epochs", "4"]) == 2
-    assert "recorded epochs 1 to 3" in capsys.readouterr().err
+    assert verify.main([str(run_dir), "--epochs", epochs]) == 2
+    assert f"--epochs {epochs}: {run_dir} recorded epochs 1 to 2" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- comparing histories (no training)
@@ -146,6 +192,20 @@ def test_a_cuda_run_is_compared_to_a_tolerance_without_the_weights_digest():
     far = [row(1, 0.7, "b" * 64), row(2, 0.6 * (1 + 10 * tol)), row(3, 0.5)]
     found = verify.compare_histories(before, far, tol)
     assert found.epoch == 2 and [c for c, _, _ in found.columns] == ["train_loss", "val_loss"]
-    line = verify.reproduced_line(3, 10, tol)
-    assert "within rel 0.001 through epoch 3" in line and "not promised bit-identical" in line
-    assert "bit-identical through" not in line
+
+
+def test_the_verdict_says_which_comparison_passed(capsys):
+    tol = verify.GPU_REL_TOLERANCE
+    before = [row(1, 0.7), row(2, 0.6)]
+    close = [row(1, 0.7), row(2, 0.6 * (1 + tol / 10), "b" * 64)]
+    far = [row(1, 0.7), row(2, 0.6 * (1 + 10 * tol), "b" * 64)]
+    assert verify.verdict(Path("r"), before, before, 10, cuda=True) == 0
+    assert capsys.readouterr().out == "bit-identical through epoch 2 (10 tensors)\n"
+    assert verify.verdict(Path("r"), before, close, 10, cuda=True) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"reproduced within a relative tolerance of {tol:g} through epoch 2")
+    assert "not bit-identical (a cuda run is not promised bit-identical)" in out and "first differs at epoch 2" in out
+    assert verify.verdict(Path("r"), before, far, 10, cuda=True) == 1
+    assert f"does not reproduce within a relative tolerance of {tol:g}" in capsys.readouterr().out
+    assert verify.verdict(Path("r"), before, close, 10, cuda=False) == 1  # the cpu promises bits
+    assert "r does not reproduce: epoch 2 differs:" in capsys.readouterr().out
