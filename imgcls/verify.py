@@ -211,7 +211,7 @@ def verify(run_dir: Path, epochs: int | None, anyway: bool, progress: bool) -> i
         exp = recorded.exp.model_copy(update={"output": recorded.exp.output.model_copy(update={"root": scratch})})
         check_paths(recorded, exp)
         check_inputs(recorded, exp, anyway)
-        print(f"re-running epochs 1 to {k} of {run_dir} in {scratch}", file=sys.stderr)
+        print(f"re-running {'epoch 1' if k == 1 else f'epochs 1 to {k}'} of {run_dir} in {scratch}", file=sys.stderr)
         run.run(exp, progress=progress, stop_after=k)
         rerun_dir = Path(scratch) / exp.name
         rerun = _read_history(rerun_dir / "history.csv")
