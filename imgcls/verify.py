@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from imgcls import checkpoint, config, data, rundir, run, runtime
+from imgcls import checkpoint, config, data, run, rundir, runtime
 from imgcls.errors import ConfigError, UserError, guarded
 
 # CUDA runs are not promised bit-identical (a few backward kernels, adaptive pooling among them,
