@@ -24,7 +24,8 @@ LAYERS = [
     {"train"},
     {"evaluate"},
     {"predict", "rundir"},
-    {"run"},
+    {"run", "compare"},
+    {"sweep"},
 ]
 
 
