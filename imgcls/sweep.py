@@ -322,8 +322,8 @@ def write(folder: Path, members: list[Member]) -> list[Path]:
     if differing:
         listed = "\n".join(f"  - {p}" for p in differing)
         raise UserError(
-            f"{folder}: {len(differing)} of the sweep's files already exist with other contents (edited, or written "
-            f"by a sweep of another base or other values); nothing was written:\n{listed}\n"
+            f"{folder}: files of this sweep already exist there with other contents (edited, or written by a sweep "
+            f"of another base or other values); nothing was written:\n{listed}\n"
             "Move them away or delete them, or write this sweep elsewhere with --out"
         )
     for path, text in files.items():

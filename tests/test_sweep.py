@@ -119,6 +119,7 @@ def test_a_problem_of_the_base_file_is_reported_under_its_name(base, capsys):
 # ------------------------------------------------------------------------------------ running them
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_where_it_stopped_and_ranks_every_member(base, monkeypatch, capsys):
     """Ctrl-C after the third member's first epoch; the same command again runs only what is left."""
     real_fit = run.fit
