@@ -21,7 +21,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 
@@ -34,6 +34,8 @@ KEY = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
 # What the schema allows in a name; everything else in a typed value becomes "_" in a member's name.
 UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 MAX_NAME = 200  # config.Experiment.name's bound
+# What --run does with a member: its run finished (metrics.json), was interrupted, or never started.
+Plan = Literal["finished", "resume", "start"]
 
 
 @dataclass(frozen=True)
@@ -376,10 +378,11 @@ def _load_all(paths: list[Path]) -> list[config.Experiment]:
     return exps
 
 
-def _plans(exps: list[config.Experiment]) -> list[str]:
-    """"finished", "resume" or "start" per member. A run directory that holds a run of another
+def _plans(exps: list[config.Experiment]) -> list[Plan]:
+    """What to do with each member. A run directory that holds a run of another
     experiment (the base was edited since) is refused now, not after the members before it ran."""
-    plans, problems = [], []
+    plans: list[Plan] = []
+    problems = []
     for exp in exps:
         folder = _run_dir(exp)
         started = (folder / "config.toml").exists() or (folder / rundir.LAST).exists()
