@@ -587,13 +587,7 @@ def load(path: str | os.PathLike, *, check_paths: bool = False) -> Experiment:
     """Read and validate an experiment file. With check_paths, the folders and files it names are
     checked too (path_problems), and every problem of either kind comes in one report."""
     source = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ConfigError(source, [f"cannot read the experiment file: {e.strerror}"]) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(source, [f"not UTF-8 text (byte {e.start}); save the file as UTF-8"]) from None
-    data = _parse(text, source)
+    data = read(path)
     try:
         exp = validate(data, source)
     except ConfigError as e:
@@ -602,6 +596,18 @@ def load(path: str | os.PathLike, *, check_paths: bool = False) -> Experiment:
     if problems:
         raise ConfigError(source, problems)
     return exp
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """An experiment file's TOML tree, not yet validated (a sweep edits it first)."""
+    source = str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(source, [f"cannot read the experiment file: {e.strerror}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"not UTF-8 text (byte {e.start}); save the file as UTF-8"]) from None
+    return _parse(text, source)
 
 
 def loads(text: str, source: str = "<experiment>") -> Experiment:

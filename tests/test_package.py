@@ -26,8 +26,8 @@ LAYERS = [
     {"train"},
     {"evaluate"},
     {"predict", "rundir"},
-    {"run"},
-    {"verify"},
+    {"run", "compare"},
+    {"verify", "sweep"},
 ]
 
 
