@@ -22,7 +22,9 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +310,68 @@ def structured_image(seed: int, height: int, width: int) -> np.ndarray:
         disc = (yy * max(height, width) / height - cy) ** 2 + (xx * max(height, width) / width - cx) ** 2 < radius**2
         pixels[disc] = rng.uniform(0, 255, 3)
     return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ pages in a real browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Root in a container has no user namespace for Chromium's sandbox; the rest keep a headless
+# start from phoning home (updates, sync, field trials) or reaching for a GPU.
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def browser_missing() -> str | None:
+    """Why pages cannot be opened in a browser here (for pytest.skip), or None when they can."""
+    if not Path(CHROMIUM).exists():
+        return "chromium is not installed (apt-get install chromium; .ci/run installs it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[test]')"
+    return None
+
+
+@dataclass
+class PageCheck:
+    """What a browser saw on opening a page: every item should be empty but section_ids."""
+
+    console_errors: list[str]
+    broken_images: list[str]  # src (first 80 characters) of each <img> that did not decode
+    section_ids: list[str]
+    screenshot: Path  # the full page, PNG
+    outside_requests: list[str]  # URLs that were neither file: nor data: (a self-contained page makes none)
+    text: str  # document.body.innerText
+
+
+def open_in_browser(path: Path, screenshot: Path | None = None) -> PageCheck:
+    """Open a local HTML file in headless Chromium (Debian's, driven by Playwright; never a downloaded
+    browser) from a file:// URL, with a fresh profile, and report what it saw."""
+    from playwright.sync_api import sync_playwright
+
+    path = Path(path).resolve()
+    screenshot = screenshot or path.with_suffix(".png")
+    errors: list[str] = []
+    outside: list[str] = []
+    with tempfile.TemporaryDirectory() as profile, sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 900}, offline=True,
+        )
+        try:
+            page = context.new_page()
+            page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("request", lambda r: None if r.url.startswith(("file:", "data:")) else outside.append(r.url))
+            page.goto(path.as_uri(), wait_until="load")
+            broken = page.eval_on_selector_all(
+                "img", "els => els.filter(e => !e.complete || e.naturalWidth === 0).map(e => e.src.slice(0, 80))"
+            )
+            sections = page.eval_on_selector_all("section[id]", "els => els.map(e => e.id)")
+            text = page.inner_text("body")
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            context.close()
+    return PageCheck(errors, broken, sections, screenshot, outside, text)

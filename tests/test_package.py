@@ -20,7 +20,7 @@ LAYERS = [
     {"errors"},
     {"config", "stats"},
     {"runtime", "checkpoint", "provenance"},
-    {"data", "models", "report", "datasets"},
+    {"data", "models", "report", "datasets", "page"},
     {"train"},
     {"evaluate"},
     {"predict", "rundir"},
