@@ -22,9 +22,7 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -247,9 +245,15 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
 
 def bomb_png(path, side: int) -> None:
     """A valid greyscale PNG of side x side black pixels written row by row (never held in memory)."""
+    blank_png(path, side, side)
+
+
+def blank_png(path, width: int, height: int) -> None:
+    """A valid greyscale PNG of width x height black pixels, written row by row: a few hundred bytes
+    whatever its size, as a hostile file can be."""
     compressor, body = zlib.compressobj(9), []
-    row = b"\0" * (side + 1)  # filter byte + pixels
-    for _ in range(side):
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    for _ in range(height):
         body.append(compressor.compress(row))
     body.append(compressor.flush())
     idat = b"".join(body)
@@ -257,7 +261,7 @@ def bomb_png(path, side: int) -> None:
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
@@ -312,66 +316,22 @@ def structured_image(seed: int, height: int, width: int) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-# ------------------------------------------------------------------ pages in a real browser
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Root in a container has no user namespace for Chromium's sandbox; the rest keep a headless
-# start from phoning home (updates, sync, field trials) or reaching for a GPU.
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-
-def browser_missing() -> str | None:
-    """Why pages cannot be opened in a browser here (for pytest.skip), or None when they can."""
-    if not Path(CHROMIUM).exists():
-        return "chromium is not installed (apt-get install chromium; .ci/run installs it)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install -e '.[test]')"
-    return None
-
-
-@dataclass
-class PageCheck:
-    """What a browser saw on opening a page: every item should be empty but section_ids."""
-
-    console_errors: list[str]
-    broken_images: list[str]  # src (first 80 characters) of each <img> that did not decode
-    section_ids: list[str]
-    screenshot: Path  # the full page, PNG
-    outside_requests: list[str]  # URLs that were neither file: nor data: (a self-contained page makes none)
-    text: str  # document.body.innerText
-
-
-def open_in_browser(path: Path, screenshot: Path | None = None) -> PageCheck:
-    """Open a local HTML file in headless Chromium (Debian's, driven by Playwright; never a downloaded
-    browser) from a file:// URL, with a fresh profile, and report what it saw."""
-    from playwright.sync_api import sync_playwright
-
-    path = Path(path).resolve()
-    screenshot = screenshot or path.with_suffix(".png")
-    errors: list[str] = []
-    outside: list[str] = []
-    with tempfile.TemporaryDirectory() as profile, sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1280, "height": 900}, offline=True,
-        )
-        try:
-            page = context.new_page()
-            page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-            page.on("request", lambda r: None if r.url.startswith(("file:", "data:")) else outside.append(r.url))
-            page.goto(path.as_uri(), wait_until="load")
-            broken = page.eval_on_selector_all(
-                "img", "els => els.filter(e => !e.complete || e.naturalWidth === 0).map(e => e.src.slice(0, 80))"
-            )
-            sections = page.eval_on_selector_all("section[id]", "els => els.map(e => e.id)")
-            text = page.inner_text("body")
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            context.close()
-    return PageCheck(errors, broken, sections, screenshot, outside, text)
+def grey_tiff(path, values: np.ndarray) -> None:
+    """An uncompressed one-channel TIFF of 32-bit values, with the SampleFormat its dtype says
+    (1 unsigned, 2 signed, 3 float): PIL writes uint32 arrays as signed, so the header is written here."""
+    values = np.ascontiguousarray(values)
+    assert values.ndim == 2 and values.dtype.itemsize == 4, values.dtype
+    fmt = {"u": 1, "i": 2, "f": 3}[values.dtype.kind]
+    h, w = values.shape
+    pixels = values.astype(values.dtype.newbyteorder("<")).tobytes()
+    # (tag, type, value): type 3 SHORT, 4 LONG; entries sorted by tag, as TIFF requires.
+    entries = [(256, 4, w), (257, 4, h), (258, 3, 32), (259, 3, 1), (262, 3, 1), (273, 4, 0),
+               (277, 3, 1), (278, 4, h), (279, 4, len(pixels)), (339, 3, fmt)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    offset = 8 + ifd_size  # pixels follow the only IFD
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = offset if tag == 273 else value
+        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+    with open(path, "wb") as f:
+        f.write(b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + pixels)
