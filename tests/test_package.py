@@ -22,10 +22,10 @@ LAYERS = [
     {"errors"},
     {"config", "stats"},
     {"runtime", "checkpoint", "provenance"},
-    {"data", "models", "report", "datasets", "page"},
+    {"data", "models", "report", "datasets"},
     {"train"},
     {"evaluate"},
-    {"predict", "rundir"},
+    {"predict", "rundir", "page"},
     {"run"},
 ]
 
