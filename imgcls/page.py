@@ -23,8 +23,9 @@ import json
 import statistics
 import sys
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -261,8 +262,8 @@ def _provenance(run_dir: Path, manifest: dict) -> str:
             value = {k: v for k, v in value.items() if v is not None} or "none set"
         facts.append([key, _flat(value)])
     return "".join([
-        "<p>Two runs with the same digests ran the same experiment on the same images. "
-        "<code>sha256sum config.toml manifest.json</code> prints the first two.</p>",
+        ("<p>Two runs with the same digests ran the same experiment on the same images. "
+         "<code>sha256sum config.toml manifest.json</code> prints the first two.</p>"),
         _table(["file", "SHA-256"], files, code_cols={1}),
         "<h3>Data</h3><p>Each split's digest covers every file's path, class and content; moving the folder changes none.</p>",
         _table(["split", "images", "SHA-256"], digests, code_cols={2}),
