@@ -109,7 +109,7 @@ def _close_dialogs(driver) -> list[str]:
     return seen
 
 
-driver, screenshot: Path) -> None:
+def _save_screenshot(driver, screenshot: Path) -> None:
     """The whole page, not only the window: DevTools' capture beyond the viewport."""
     size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
     clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], MAX_SCREENSHOT_HEIGHT), "scale": 1}

@@ -83,7 +83,7 @@ def test_the_page_is_a_function_of_the_run_folder(hostile_run):
     before = (hostile_run / "report.html").read_bytes()
     (hostile_run / "report.html").unlink()
     proc = cli("page", str(hostile_run), cwd=hostile_run.parent.parent)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert (hostile_run / "report.html").read_bytes() == before
 
