@@ -167,7 +167,7 @@ def _copies(preflight: dict) -> str:
     leakage, near, conflicts = preflight["leakage"], preflight["near_duplicates"], preflight["label_conflicts"]
     return "".join([
         _finding("file in val/test byte-identical to a training file", ["train", "val/test"], [list(p) for p in leakage]),
-        _finding("image in val/test within a few bits of a training image (a resized or re-encoded copy)",
+        _finding("image in val/test within a few bits of a training image (resized or re-encoded copies)",
                  ["train", "val/test", "bits apart"], [[p["train"], p["other"], p["bits"]] for p in near]),
         _finding("photo under two classes", ["file", "class", "file", "class", "bits apart"],
                  [[p["a"], p["class_a"], p["b"], p["class_b"], p["bits"]] for p in conflicts]),
@@ -177,8 +177,8 @@ def _copies(preflight: dict) -> str:
 def _finding(what: str, head: list[str], rows: list[list]) -> str:
     if not rows:
         return f'<p class="ok">No {_e(what)}.</p>'
-    more = f" (the first {LIST_MAX} of them)" if len(rows) > LIST_MAX else ""
-    return f'<p class="warn">{len(rows)} × {_e(what)}{more}:</p>' + _scroll(_table(head, rows[:LIST_MAX]))
+    shown = f", the first {LIST_MAX} below" if len(rows) > LIST_MAX else ""
+    return f'<p class="warn">{_e(what[0].upper() + what[1:])}: {len(rows)}{shown}.</p>' + _scroll(_table(head, rows[:LIST_MAX]))
 
 
 def _curves(run_dir: Path) -> str:
@@ -332,7 +332,9 @@ def _png(run_dir: Path, name: str, alt: str) -> str:
     if path.stat().st_size > INLINE_PNG_MAX:
         return f'<p><a href="{_e(name)}">{_e(name)}</a> ({_bytes(path.stat().st_size)}: too large to inline).</p>'
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img class="plot" src="data:image/png;base64,{data}" alt="{_e(alt)}">'
+    # The link opens the file at full size when the page is read inside its run folder.
+    return (f'<a href="{_e(name)}" title="{_e(name)} at full size"><img class="plot" src="data:image/png;base64,{data}" '
+            f'alt="{_e(alt)}"></a>')
 
 
 # ------------------------------------------------------------------ HTML pieces
