@@ -166,19 +166,22 @@ def _left_out(splits: dict[str, dict], bad_images: list[str]) -> str:
 def _copies(preflight: dict) -> str:
     leakage, near, conflicts = preflight["leakage"], preflight["near_duplicates"], preflight["label_conflicts"]
     return "".join([
-        _finding("file in val/test byte-identical to a training file", ["train", "val/test"], [list(p) for p in leakage]),
-        _finding("image in val/test within a few bits of a training image (resized or re-encoded copies)",
+        _finding("file in val/test is byte-identical to", "Files in val/test byte-identical to", "a training file",
+                 ["train", "val/test"], [list(p) for p in leakage]),
+        _finding("image in val/test is within a few bits of", "Images in val/test within a few bits of",
+                 "a training image (a resized or re-encoded copy)",
                  ["train", "val/test", "bits apart"], [[p["train"], p["other"], p["bits"]] for p in near]),
-        _finding("photo under two classes", ["file", "class", "file", "class", "bits apart"],
+        _finding("photo is", "Photos", "under two classes", ["file", "class", "file", "class", "bits apart"],
                  [[p["a"], p["class_a"], p["b"], p["class_b"], p["bits"]] for p in conflicts]),
     ])
 
 
-def _finding(what: str, head: list[str], rows: list[list]) -> str:
+def _finding(none: str, some: str, what: str, head: list[str], rows: list[list]) -> str:
+    """'No <none> <what>.', or '<some> <what>: N' above a table of the first LIST_MAX."""
     if not rows:
-        return f'<p class="ok">No {_e(what)}.</p>'
+        return f'<p class="ok">No {none} {what}.</p>'
     shown = f", the first {LIST_MAX} below" if len(rows) > LIST_MAX else ""
-    return f'<p class="warn">{_e(what[0].upper() + what[1:])}: {len(rows)}{shown}.</p>' + _scroll(_table(head, rows[:LIST_MAX]))
+    return f'<p class="warn">{some} {what}: {len(rows)}{shown}.</p>' + _scroll(_table(head, rows[:LIST_MAX]))
 
 
 def _curves(run_dir: Path) -> str:
