@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imgcls import checkpoint, config, data, evaluate, models, report, rundir, runtime, train
+from imgcls import checkpoint, config, data, evaluate, models, page, report, rundir, runtime, train
 from imgcls.errors import ConfigError, UserError, guarded
 from imgcls.rundir import BEST, LAST, RunDir, Timings
 
@@ -129,6 +129,7 @@ def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[st
     checkpoint.atomic_write(path / "classification_report.txt", "\n".join(reports))
     report.write_history(path / "history.csv", state.history)  # again: a kill may have cut off the epoch's write
     report.plot_curves(path / "curves.png", state.history, state.monitor.best_epoch)
+    page.write_report(path, results)  # report.html, from the files above and the results
     report.write_json(path / "metrics.json", results)  # written last: its presence marks a finished run
     return results
 

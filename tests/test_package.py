@@ -25,7 +25,7 @@ LAYERS = [
     {"data", "models", "report", "datasets"},
     {"train"},
     {"evaluate"},
-    {"predict", "rundir"},
+    {"predict", "rundir", "page"},
     {"run", "compare"},
     {"verify", "sweep"},
 ]

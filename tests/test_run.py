@@ -47,7 +47,7 @@ def test_run_directory_holds_every_result_file(finished_run):
     for name in (
         "config.toml", "metrics.json", "history.csv", "curves.png", "confusion_matrix_val.png",
         "confusion_matrix_test.png", "classification_report.txt", "best.safetensors", "last.safetensors",
-        "manifest.json", "preflight.json", "timings.json", "predictions_val.csv", "predictions_test.csv",
+        "manifest.json", "preflight.json", "timings.json", "predictions_val.csv", "predictions_test.csv", "report.html",
     ):
         assert (run_dir / name).is_file(), name
     for png in run_dir.glob("*.png"):
@@ -201,7 +201,7 @@ def test_two_runs_of_one_experiment_write_byte_identical_files(tmp_path, workers
         assert result.returncode == 0, result.stderr
         hashes.append(result_files(base / "runs" / "tiny"))
     assert {"best.safetensors", "last.safetensors", "config.toml", "metrics.json", "history.csv", "manifest.json",
-            "preflight.json", "predictions_val.csv", "predictions_test.csv"} <= hashes[0].keys()
+            "preflight.json", "predictions_val.csv", "predictions_test.csv", "report.html"} <= hashes[0].keys()
     assert hashes[0] == hashes[1]
 
 
