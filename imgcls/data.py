@@ -479,17 +479,68 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         return full + (rest > 1 or (rest == 1 and (not self.shuffle or self.n == 1)))
 
 
-def make_loader(dataset: ImageSet, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+class BalancedBatches(Sampler[list[tuple[int, int]]]):
+    """EpochBatches' interface, drawing classes evenly: each epoch len(labels) indices drawn with
+    replacement, an image's chance proportional to 1 / its class's count, so every class is
+    expected equally often. The draws are a pure function of (seed, epoch), as EpochBatches' order.
+    """
+
+    def __init__(self, labels: list[int], batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self.epoch = len(labels), batch_size, seed, 0
+        label_tensor = torch.tensor(labels, dtype=torch.long)
+        self.weights = 1.0 / torch.bincount(label_tensor).double()[label_tensor]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # Stream -2: its own draws, never EpochBatches' permutation (-1) of the same epoch.
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -2))
+        order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if len(batch) == 1 and self.n > 1:  # as EpochBatches: BatchNorm cannot train on one image
+                return
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (rest > 1 or (rest == 1 and self.n == 1))
+
+
+def class_counts(split: Split, classes: list[str]) -> dict[str, int]:
+    """Images per class in label order: what "balanced" class weights are computed from."""
+    counts = Counter(split.labels)
+    return {name: counts[label] for label, name in enumerate(classes)}
+
+
+def make_loader(
+    dataset: ImageSet | FeatureSet, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+    sampler: C.Sampler = "shuffle",
+) -> DataLoader:
+    """sampler (data.sampler) picks how a shuffled split is drawn; unshuffled splits are read in file order."""
     if num_workers > 0:
         runtime.share_batches_by_file()
     return DataLoader(
         dataset,
-        batch_sampler=EpochBatches(len(dataset), batch_size, shuffle, seed),
+        batch_sampler=_batches(dataset, batch_size, shuffle, seed, sampler),
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),  # seeds worker base seeds; augmentation ignores them
         persistent_workers=num_workers > 0,
         pin_memory=False,
     )
+
+
+def _batches(dataset: ImageSet | FeatureSet, batch_size: int, shuffle: bool, seed: int, sampler: C.Sampler) -> Sampler:
+    if not shuffle:
+        return EpochBatches(len(dataset), batch_size, False, seed)
+    match sampler:
+        case "shuffle":
+            return EpochBatches(len(dataset), batch_size, True, seed)
+        case "balanced":
+            return BalancedBatches(dataset.split.labels, batch_size, seed)
+        case _:
+            assert_never(sampler)
 
 
 def build_loaders(exp: C.Experiment, dataset: Data) -> dict[str, DataLoader]:
@@ -508,7 +559,8 @@ def split_loader(exp: C.Experiment, split: Split, images: list[torch.Tensor]) ->
     is_train = split.name == "train"
     transform = split_transform(exp.augment if is_train else [], exp.data.image_size, images)
     batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
-    return make_loader(ImageSet(split, images, transform, exp.seed), batch, is_train, exp.data.num_workers, exp.seed)
+    dataset = ImageSet(split, images, transform, exp.seed)
+    return make_loader(dataset, batch, is_train, exp.data.num_workers, exp.seed, exp.data.sampler)
 
 
 def transform_paths(loaders: dict[str, DataLoader]) -> dict[str, str]:

@@ -32,7 +32,7 @@ def _fit_head(tmp_path, augment: list, feature_cache: bool, epochs: int = 2):
     initial = model.head.weight.detach().clone()
     loaders = data.build_loaders(exp, dataset)
     opt = train.build_optimization(exp.model_copy(update={"train": exp.train.model_copy(update={"epochs": epochs})}),
-                                   model, len(loaders["train"]))
+                                   model, len(loaders["train"]), data.class_counts(dataset.splits["train"], dataset.classes))
     feed = train.build_feed(exp, model, loaders, cpu)
     for epoch in range(1, epochs + 1):
         train.train_one_epoch(feed, opt, epoch, progress=False)
