@@ -132,9 +132,9 @@ class DataConfig(Section):
     )
     sampler: Sampler = Field(
         "shuffle",
-        description='training batches: "shuffle" (each image once per epoch) or "balanced" (as many draws as '
-        "training images, with replacement, each image's chance proportional to 1 / its class's count, so "
-        "classes come up equally often); val/test are always read in file order",
+        description='how training batches are drawn: "shuffle" (each image once per epoch) or "balanced" (as many '
+        "draws as training images, with replacement, each class equally likely, each repeat augmented anew); "
+        "a pure function of (seed, epoch) either way. val/test are read in file order",
     )
 
     @model_validator(mode="after")
@@ -365,14 +365,15 @@ Optimizer = Annotated[Union[Adam, AdamW, SGD], Field(discriminator="name")]
 # ------------------------------------------------------------------------------------ scheduler
 
 
-# Warm-up, shared by every epoch-stepped scheduler (onecycle has its own: pct_start).
+# Warm-up, shared by every epoch-stepped scheduler (onecycle has its own: pct_start). As torch's
+# SequentialLR(LinearLR, schedule): the schedule proper counts its epochs from the end of the warm-up.
 WarmupEpochs = Annotated[
     int,
-    Field(ge=0, description="epochs over which the learning rate rises linearly from warmup_start_factor * lr to lr "
-          "before the schedule proper starts (0: no warm-up)"),
+    Field(ge=0, description="epochs of linear warm-up from warmup_start_factor * lr to lr; the schedule proper "
+          "starts after them and counts its epochs from there (0: no warm-up; less than train.epochs)"),
 ]
 WarmupStartFactor = Annotated[
-    float, Field(gt=0, le=1, description="fraction of the learning rate the warm-up starts from, in (0, 1]")
+    float, Field(gt=0, le=1, description="fraction of the learning rate the warm-up's first epoch uses, in (0, 1]")
 ]
 
 
@@ -430,7 +431,7 @@ Scheduler = Annotated[
 # ------------------------------------------------------------------------------ train and output
 
 
-ClassWeight = Annotated[float, Field(gt=0, le=MAX_RATE)]
+ClassWeight = Annotated[float, Field(gt=0, le=MAX_RATE)]  # scales the loss's gradient as lr scales the step
 # Tagged by the value's type, so a bad value gets one error (the branch it meant), not one per branch.
 ClassWeights = Annotated[
     Union[Annotated[Literal["none", "balanced"], Tag("name")], Annotated[dict[str, ClassWeight], Tag("table")]],
@@ -445,7 +446,8 @@ class TrainConfig(Section):
         "none",
         description='weights of the training loss per class (weighted cross-entropy): "none"; "balanced" '
         "(n_images / (n_classes * images of the class), from the training split, as scikit-learn); or a table "
-        "{ class name = weight > 0 }, classes not named weigh 1.0. The validation loss stays unweighted",
+        "{ class name = weight > 0 }, classes not named weigh 1.0. A batch's loss is the weighted mean (torch's "
+        "CrossEntropyLoss(weight)); the validation loss stays unweighted",
     )
     select_best: Literal["val_loss", "val_acc"] = Field(
         "val_loss", description="metric that picks the best checkpoint (must equal early_stopping.monitor)"

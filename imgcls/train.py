@@ -83,12 +83,11 @@ def build_scheduler(cfg: C.Scheduler, optimizer: torch.optim.Optimizer, epochs: 
             return _warmed_up(cfg, optimizer, cosine)
         case C.PlateauLR():
             mode = "min" if cfg.monitor == "val_loss" else "max"
-            warmup = _linear_warmup(cfg, optimizer) if cfg.warmup_epochs else None  # first: it sets initial_lr
             plateau = lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr
             )
-            if warmup is not None:
-                return Schedule(WarmupPlateau(warmup, plateau, cfg.warmup_epochs), per_batch=False, monitor=cfg.monitor)
+            if cfg.warmup_epochs:
+                plateau = WarmupPlateau(_linear_warmup(cfg, optimizer), plateau, cfg.warmup_epochs)
             return Schedule(plateau, per_batch=False, monitor=cfg.monitor)
         case C.OneCycleLR():
             total = epochs * steps_per_epoch
@@ -195,11 +194,12 @@ def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, D
         return Feed(model, model, inputs, loaders, feature_cache=False)
     cached = {}
     for split_name, loader in loaders.items():
-        in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, False, 0, exp.seed)
+        in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, "in_order", 0, exp.seed)
         features = cache_features(model.backbone, in_order, inputs)
         batch = exp.data.batch_size if split_name == "train" else exp.data.eval_batch_size
         features_set = data.FeatureSet(features, loader.dataset.split)
-        cached[split_name] = data.make_loader(features_set, batch, split_name == "train", 0, exp.seed, exp.data.sampler)
+        order = exp.data.sampler if split_name == "train" else "in_order"
+        cached[split_name] = data.make_loader(features_set, batch, order, 0, exp.seed)
     to_device = runtime.Inputs(lambda features: features.to(device, non_blocking=True), device, inputs.precision)
     return Feed(model, model.head, to_device, cached, feature_cache=True)
 
