@@ -520,8 +520,8 @@ class Experiment(Section):
             )
         if not isinstance(self.scheduler, OneCycleLR) and self.scheduler.warmup_epochs >= self.train.epochs:
             problems.append(
-                f"scheduler.warmup_epochs = {self.scheduler.warmup_epochs} must be less than train.epochs = {self.train.epochs}: "
-                "the schedule needs at least one epoch after the warm-up"
+                f"scheduler.warmup_epochs = {self.scheduler.warmup_epochs} must be less than train.epochs = "
+                f"{self.train.epochs}: the schedule needs at least one epoch after the warm-up"
             )
         problems += _augment_size_problems(self.augment, self.data)
         if problems:

@@ -612,7 +612,9 @@ def class_counts(split: Split, classes: list[str]) -> dict[str, int]:
     return {name: counts[label] for label, name in enumerate(classes)}
 
 
-def make_loader(dataset: ImageSet | FeatureSet, batch_size: int, order: Order, num_workers: int, seed: int) -> DataLoader:
+def make_loader(
+    dataset: ImageSet | FeatureSet, batch_size: int, order: Order, num_workers: int, seed: int
+) -> DataLoader:
     if num_workers > 0:
         runtime.share_batches_by_file()
     return DataLoader(

@@ -109,19 +109,22 @@ def build_scheduler(cfg: C.Scheduler, optimizer: torch.optim.Optimizer, epochs: 
             assert_never(cfg)
 
 
-def _linear_warmup(cfg: C.NoScheduler | C.StepLR | C.CosineLR | C.PlateauLR, optimizer: torch.optim.Optimizer) -> lr_scheduler.LinearLR:
+WarmedUp = C.NoScheduler | C.StepLR | C.CosineLR | C.PlateauLR
+
+
+def _linear_warmup(cfg: WarmedUp, optimizer: torch.optim.Optimizer) -> lr_scheduler.LinearLR:
     """lr * (start + (1 - start) * epoch / warmup_epochs) for epoch < warmup_epochs, then lr."""
     return lr_scheduler.LinearLR(optimizer, cfg.warmup_start_factor, 1.0, total_iters=cfg.warmup_epochs)
 
 
-def _warmed_up(cfg: C.NoScheduler | C.StepLR | C.CosineLR, optimizer: torch.optim.Optimizer, main: Any) -> Schedule:
+def _warmed_up(cfg: WarmedUp, optimizer: torch.optim.Optimizer, main: lr_scheduler.LRScheduler) -> Schedule:
     """`main` as is without warm-up (the checkpoint keeps its plain state), else after a LinearLR warm-up."""
     if not cfg.warmup_epochs:
         return Schedule(main, per_batch=False)
     # SequentialLR resets the lr to initial_lr and replays the first scheduler's initial step, so the
     # order the two were built in (each changes the optimizer's lr) does not matter.
-    warmup = _linear_warmup(cfg, optimizer)
-    return Schedule(lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_epochs]), per_batch=False)
+    sequence = lr_scheduler.SequentialLR(optimizer, [_linear_warmup(cfg, optimizer), main], milestones=[cfg.warmup_epochs])
+    return Schedule(sequence, per_batch=False)
 
 
 @dataclass

@@ -210,7 +210,8 @@ def test_two_runs_of_one_experiment_write_byte_identical_files(tmp_path, workers
 
 def runnable(drawn: dict) -> dict:
     """A drawn experiment shrunk to seconds: tiny images, batches, widths and one epoch (two with a
-    warm-up), on the CPU, with no weights to download, class weights named after the tiny classes. Every other value (seed, augment parameters, optimizer, schedule,
+    warm-up, cut to one epoch), on the CPU, with no weights to download, and class weights renamed
+    to the tiny data's classes. Every other value (seed, augment parameters, optimizer, schedule,
     precision, ...) is kept as drawn: those are what must either run or be refused by the schema."""
     exp = copy.deepcopy(drawn)
     data = exp["data"]
