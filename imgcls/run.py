@@ -65,7 +65,8 @@ def setup(exp: config.Experiment, run_path: Path, resume: bool, progress: bool) 
     checkpoint.atomic_write(run_path / "config.toml", config.to_toml(exp))
 
     run_dir = RunDir(run_path, exp, dataset.classes)
-    opt = train.build_optimization(exp, model, len(loaders["train"]))
+    class_counts = data.class_counts(dataset.splits["train"], dataset.classes)
+    opt = train.build_optimization(exp, model, len(loaders["train"]), class_counts)
     state = train.LoopState(train.build_monitor(exp))
     if resume and (run_path / LAST).exists():
         state = run_dir.restore(model, opt, device)
