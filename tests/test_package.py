@@ -26,8 +26,9 @@ LAYERS = [
     {"data", "models", "report", "datasets"},
     {"train"},
     {"evaluate"},
-    {"predict", "rundir"},
-    {"run"},
+    {"predict", "rundir", "page"},
+    {"run", "compare"},
+    {"verify", "sweep"},
 ]
 
 
