@@ -205,30 +205,51 @@ class BatchAugment:
 
 
 def _random_crops(images: torch.Tensor, op: C.RandomCrop, size: int, u_top: torch.Tensor, u_left: torch.Tensor) -> torch.Tensor:
-    """torchvision's RandomCrop(size, padding, pad_if_needed=True) with each image's own window."""
-    if op.padding:
-        images = v2.functional.pad(images, [op.padding], padding_mode=op.padding_mode)
-    short_h, short_w = (max(size - n, 0) for n in images.shape[-2:])
-    if short_h or short_w:  # pad_if_needed grows a short side by the shortfall at both ends, as torchvision
-        images = v2.functional.pad(images, [short_w, short_h], padding_mode=op.padding_mode)
+    """torchvision's RandomCrop(size, padding, pad_if_needed=True) with each image's own window.
+
+    A window that lies inside the unpadded image is sliced from it; only an image whose window
+    reaches into the padding is padded. Padding the whole batch copied every image first, and a
+    gather of the windows cost 3x the crop itself at 224 pixels.
+    """
     h, w = images.shape[-2:]
-    top = (u_top * (h - size + 1)).long()
-    left = (u_left * (w - size + 1)).long()
-    rows = (top[:, None] + torch.arange(size))[:, :, None]
-    cols = (left[:, None] + torch.arange(size))[:, None, :]
-    n = torch.arange(len(images))[:, None, None]
-    # One gather over a channels-last view: (N, size, size, 3) windows, returned as (N, 3, size, size).
-    return images.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2)
+    # pad_if_needed grows a side still short after the padding by the shortfall at both ends, as torchvision.
+    short_h, short_w = max(size - h - 2 * op.padding, 0), max(size - w - 2 * op.padding, 0)
+    off_h, off_w = op.padding + short_h, op.padding + short_w  # where the image starts in the padded frame
+    tops = (u_top * (h + 2 * off_h - size + 1)).long().tolist()
+    lefts = (u_left * (w + 2 * off_w - size + 1)).long().tolist()
+    windows = []
+    for image, top, left in zip(images, tops, lefts):
+        if off_h <= top <= off_h + h - size and off_w <= left <= off_w + w - size:
+            windows.append(image[:, top - off_h : top - off_h + size, left - off_w : left - off_w + size])
+        else:
+            windows.append(_padded(image, op, short_h, short_w)[:, top : top + size, left : left + size])
+    return torch.stack(windows)
+
+
+def _padded(image: torch.Tensor, op: C.RandomCrop, short_h: int, short_w: int) -> torch.Tensor:
+    """The padded frame RandomCrop draws its window from: `padding`, then pad_if_needed's shortfall."""
+    if op.padding:
+        image = v2.functional.pad(image, [op.padding], padding_mode=op.padding_mode)
+    if short_h or short_w:
+        image = v2.functional.pad(image, [short_w, short_h], padding_mode=op.padding_mode)
+    return image
 
 
 def _flip_where(images: torch.Tensor, flip: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(dim), images)
+    if not bool(flip.any()):
+        return images
+    out = images.clone()
+    out[flip] = images[flip].flip(dim)
+    return out
 
 
-def split_transform(ops: list[C.Augment], image_size: int, images: Sequence[torch.Tensor]) -> v2.Compose | BatchAugment:
-    """Batched when every op allows it and all of the split's images have one size; else per image."""
-    shapes = images.shapes if isinstance(images, cache.Decoded) else [tuple(im.shape) for im in images]
-    if all(isinstance(op, BATCHED_OPS) for op in ops) and len(set(shapes)) == 1:
+def split_transform(ops: list[C.Augment], image_size: int) -> v2.Compose | BatchAugment:
+    """The keyed ops (BatchAugment) when every op has that form; else transforms v2 per image.
+
+    Which one is decided by the ops alone: a BatchAugment gives each image the same pixels alone or
+    in a stacked batch, so whether a batch is stacked (its images share one size) is speed, not result.
+    """
+    if all(isinstance(op, BATCHED_OPS) for op in ops):
         return BatchAugment(tuple(ops), image_size)
     return build_augment(ops, image_size)
 
@@ -312,30 +333,32 @@ class ImageSet(Dataset):
         return len(self.split.paths)
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
-        """A whole batch (the DataLoader's batched fetch): one call of a BatchAugment, or per image."""
-        if not isinstance(self.transform, BatchAugment):
-            return [self[key] for key in keys]
+        """A whole batch (the DataLoader's batched fetch): one call of a BatchAugment on the stacked
+        batch when its images share one size, else image by image (the same pixels either way)."""
         epochs, indices = zip(*keys)
-        assert len(set(epochs)) == 1, "a batch comes from one epoch"
-        images = [i % len(self) for i in indices]
-        batch = self.transform(torch.stack([self.images[i] for i in images]), self.seed, epochs[0], list(indices))
-        return list(zip(batch.unbind(0), [self.split.labels[i] for i in images]))
+        images = [self.images[i % len(self)] for i in indices]
+        labels = [self.split.labels[i % len(self)] for i in indices]
+        if isinstance(self.transform, BatchAugment) and len({im.shape for im in images}) == 1:
+            assert len(set(epochs)) == 1, "a batch comes from one epoch"
+            batch = self.transform(torch.stack(images), self.seed, epochs[0], list(indices))
+            return list(zip(batch.unbind(0), labels))
+        return [(self._augment(im, e, i), label) for im, e, i, label in zip(images, epochs, indices, labels)]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, index = key
-        image = self.images[index % len(self)]
+        return self.__getitems__([key])[0]
+
+    def _augment(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         if isinstance(self.transform, BatchAugment):
-            return self.transform(image[None], self.seed, epoch, [index])[0], self.split.labels[index % len(self)]
+            return self.transform(image[None], self.seed, epoch, [index])[0]
         # Only the CPU generator (the one transforms v2 draw from) is seeded and restored:
         # torch.manual_seed also queues CUDA/XPU/MTIA seeding with a formatted stack trace each time,
         # which cost more than the augmentation itself.
         outer = torch.default_generator.get_state()
         try:
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            image = self.transform(image)
+            return self.transform(image)
         finally:
             torch.default_generator.set_state(outer)
-        return image, self.split.labels[index % len(self)]
 
 
 class FeatureSet(Dataset):
@@ -447,14 +470,16 @@ def build_loaders(exp: C.Experiment, dataset: Data) -> dict[str, DataLoader]:
 
 def split_loader(exp: C.Experiment, split: Split, images: Sequence[torch.Tensor]) -> DataLoader:
     is_train = split.name == "train"
-    transform = split_transform(exp.augment if is_train else [], exp.data.image_size, images)
+    transform = split_transform(exp.augment if is_train else [], exp.data.image_size)
     batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
     order = exp.data.sampler if is_train else "in_order"
     return make_loader(ImageSet(split, images, transform, exp.seed), batch, order, exp.data.num_workers, exp.seed)
 
 
 def transform_paths(loaders: dict[str, DataLoader]) -> dict[str, str]:
-    """Which path augments each split: it changes the bits (the two draw differently), so runs record it."""
+    """Which ops augment each split: imgcls's keyed crops and flips ("batched": a batch is stacked when
+    its images share one size) or transforms v2 per image. They draw differently, so runs record it;
+    it follows from the augment list alone, never from the images' sizes."""
     return {
         name: "batched" if isinstance(loader.dataset.transform, BatchAugment) else "per_image"
         for name, loader in loaders.items()

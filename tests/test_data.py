@@ -593,14 +593,27 @@ def test_workers_check_catches_batched_draws_from_the_process_rng(tmp_path, monk
         _workers_agree(tmp_path, BATCHED)
 
 
-def test_the_batched_path_needs_batchable_ops_and_one_image_size():
-    same = [torch.zeros(3, 40, 48, dtype=torch.uint8)] * 3
-    mixed = same + [torch.zeros(3, 48, 40, dtype=torch.uint8)]
+def test_the_ops_alone_decide_the_path_and_sizes_only_how_a_batch_is_cut():
+    """Crops and flips take imgcls's keyed ops whatever the images' sizes; a batch of mixed sizes is
+    augmented image by image, with the pixels each image gets in a batch of its own size."""
     flip, jitter = config.HorizontalFlip(op="horizontal_flip"), config.ColorJitter(op="color_jitter", brightness=0.2)
-    assert isinstance(data.split_transform([flip], 32, same), data.BatchAugment)
-    assert isinstance(data.split_transform([], 32, same), data.BatchAugment)
-    assert not isinstance(data.split_transform([flip], 32, mixed), data.BatchAugment)
-    assert not isinstance(data.split_transform([flip, jitter], 32, same), data.BatchAugment)
+    crop = config.RandomCrop(op="random_crop", padding=3)
+    assert isinstance(data.split_transform([flip], 32), data.BatchAugment)
+    assert isinstance(data.split_transform([], 32), data.BatchAugment)
+    assert not isinstance(data.split_transform([flip, jitter], 32), data.BatchAugment)
+    rng = np.random.default_rng(0)
+    shapes = [(40, 48), (40, 48), (48, 40), (33, 60)]
+    images = [torch.from_numpy(rng.integers(0, 256, (3, *s), dtype=np.uint8)) for s in shapes]
+    split = data.Split("train", "/", [f"{i}.png" for i in range(4)], [0, 1, 0, 1])
+    items = data.ImageSet(split, images, data.split_transform([crop, flip], 32), seed=5)
+    keys = [(2, i) for i in range(4)]
+    mixed = items.__getitems__(keys)
+    same_size = items.__getitems__(keys[:2])  # these two stack: one call on the batch
+    for (image, label), key in zip(mixed, keys):
+        alone, alone_label = items[key]
+        assert torch.equal(image, alone) and label == alone_label
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(same_size, mixed[:2]))
+    assert not torch.equal(mixed[0][0], mixed[1][0])
 
 
 # ------------------------------------------------------------------- training that trains nothing
