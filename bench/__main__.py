@@ -1,4 +1,4 @@
-"""`python -m bench [g1 g2 g3 g4 g5 allocator cache] [--quick] [--rounds N] [--json FILE]`
+"""`python -m bench [g1 g2 g3 g4 g5 allocator augment cache] [--quick] [--rounds N] [--json FILE]`
 
 Each comparison runs its contenders interleaved (A, B, A, B, ...) and reports medians, their
 ratio and the raw figures as JSON on stdout. Without names, all run (G2 and G3 take tens of
@@ -21,6 +21,7 @@ COMPARISONS = {
     "g4": "prediction over a folder vs bare forward; cold start vs importing torch",
     "g5": "compute efficiency: bare ResNet18 training vs the conv roof",
     "allocator": "train.allocator: retain vs system, bare scratch CNN in fresh processes",
+    "augment": "random crop + flip: imgcls's keyed ops on a batch vs transforms v2 per image",
     "cache": "decoded cache: peak RSS at N and 4N images, cold vs warm preflight, 2 vs 1 decode processes",
 }
 
@@ -51,6 +52,10 @@ def run_one(name: str, quick: bool, rounds: int) -> dict:
             from bench.allocator import compare
 
             return compare(quick, rounds)
+        case "augment":
+            from bench.augment import compare as augment
+
+            return augment(quick, rounds)
         case "cache":
             from bench.cache import measure
 

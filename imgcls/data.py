@@ -180,16 +180,19 @@ BATCHED_OPS = (C.RandomCrop, C.HorizontalFlip, C.VerticalFlip)
 
 @dataclass(frozen=True)
 class BatchAugment:
-    """The augment list (then a centre crop to image_size) applied to a uint8 batch (N, 3, H, W).
+    """The augment list (then a centre crop to image_size) applied to a batch of uint8 images
+    (3, H, W) of any sizes, giving one stacked (N, 3, image_size, image_size) batch.
 
-    Each image's parameters are drawn by `sample_uniforms` from (seed, epoch, index), so a batch
-    gives the same images whoever stacks it, and each image the same result in any batch.
+    Each image's parameters are drawn by `sample_uniforms` from (seed, epoch, index), and each op
+    works image by image, so every image gets the same pixels in any batch, alone or not, of any
+    mix of sizes. The draws are made once per batch: that, not stacking, is what saves time.
     """
 
     ops: tuple[C.Augment, ...]
     image_size: int
 
-    def __call__(self, images: torch.Tensor, seed: int, epoch: int, indices: list[int]) -> torch.Tensor:
+    def __call__(self, images: Sequence[torch.Tensor], seed: int, epoch: int, indices: list[int]) -> torch.Tensor:
+        images = list(images)
         for position, op in enumerate(self.ops):
             u = [sample_uniforms(seed, epoch, indices, 1 + 2 * position + j) for j in range(2)]
             match op:
@@ -201,29 +204,28 @@ class BatchAugment:
                     images = _flip_where(images, u[0] < op.p, -2)
                 case _:
                     raise AssertionError(f"{op.op} is not in BATCHED_OPS")
-        return v2.functional.center_crop(images, [self.image_size, self.image_size])
+        return torch.stack([v2.functional.center_crop(im, [self.image_size, self.image_size]) for im in images])
 
 
-def _random_crops(images: torch.Tensor, op: C.RandomCrop, size: int, u_top: torch.Tensor, u_left: torch.Tensor) -> torch.Tensor:
+def _random_crops(images: list[torch.Tensor], op: C.RandomCrop, size: int, u_top: torch.Tensor, u_left: torch.Tensor) -> list[torch.Tensor]:
     """torchvision's RandomCrop(size, padding, pad_if_needed=True) with each image's own window.
 
     A window that lies inside the unpadded image is sliced from it; only an image whose window
-    reaches into the padding is padded. Padding the whole batch copied every image first, and a
-    gather of the windows cost 3x the crop itself at 224 pixels.
+    reaches into the padding is padded. (Padding a whole stacked batch copied every image first,
+    and a gather of the windows cost 3x the crop itself at 224 pixels.)
     """
-    h, w = images.shape[-2:]
-    # pad_if_needed grows a side still short after the padding by the shortfall at both ends, as torchvision.
-    short_h, short_w = max(size - h - 2 * op.padding, 0), max(size - w - 2 * op.padding, 0)
-    off_h, off_w = op.padding + short_h, op.padding + short_w  # where the image starts in the padded frame
-    tops = (u_top * (h + 2 * off_h - size + 1)).long().tolist()
-    lefts = (u_left * (w + 2 * off_w - size + 1)).long().tolist()
     windows = []
-    for image, top, left in zip(images, tops, lefts):
+    for image, ut, ul in zip(images, u_top.tolist(), u_left.tolist()):
+        h, w = image.shape[-2:]
+        # pad_if_needed grows a side still short after the padding by the shortfall at both ends, as torchvision.
+        short_h, short_w = max(size - h - 2 * op.padding, 0), max(size - w - 2 * op.padding, 0)
+        off_h, off_w = op.padding + short_h, op.padding + short_w  # where the image starts in the padded frame
+        top, left = int(ut * (h + 2 * off_h - size + 1)), int(ul * (w + 2 * off_w - size + 1))
         if off_h <= top <= off_h + h - size and off_w <= left <= off_w + w - size:
             windows.append(image[:, top - off_h : top - off_h + size, left - off_w : left - off_w + size])
         else:
             windows.append(_padded(image, op, short_h, short_w)[:, top : top + size, left : left + size])
-    return torch.stack(windows)
+    return windows
 
 
 def _padded(image: torch.Tensor, op: C.RandomCrop, short_h: int, short_w: int) -> torch.Tensor:
@@ -235,19 +237,16 @@ def _padded(image: torch.Tensor, op: C.RandomCrop, short_h: int, short_w: int) -
     return image
 
 
-def _flip_where(images: torch.Tensor, flip: torch.Tensor, dim: int) -> torch.Tensor:
-    if not bool(flip.any()):
-        return images
-    out = images.clone()
-    out[flip] = images[flip].flip(dim)
-    return out
+def _flip_where(images: list[torch.Tensor], flip: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    # Image by image: torch.flip of a whole stacked uint8 batch (or torch.where over it) took 20x as
+    # long per image as flipping the images one at a time, at 224 pixels.
+    return [image.flip(dim) if f else image for image, f in zip(images, flip.tolist())]
 
 
 def split_transform(ops: list[C.Augment], image_size: int) -> v2.Compose | BatchAugment:
     """The keyed ops (BatchAugment) when every op has that form; else transforms v2 per image.
 
-    Which one is decided by the ops alone: a BatchAugment gives each image the same pixels alone or
-    in a stacked batch, so whether a batch is stacked (its images share one size) is speed, not result.
+    Decided by the ops alone, never by the images' sizes: a BatchAugment takes any mix of sizes.
     """
     if all(isinstance(op, BATCHED_OPS) for op in ops):
         return BatchAugment(tuple(ops), image_size)
@@ -333,23 +332,19 @@ class ImageSet(Dataset):
         return len(self.split.paths)
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
-        """A whole batch (the DataLoader's batched fetch): one call of a BatchAugment on the stacked
-        batch when its images share one size, else image by image (the same pixels either way)."""
+        """A whole batch (the DataLoader's batched fetch): one call of a BatchAugment, or per image."""
         epochs, indices = zip(*keys)
         images = [self.images[i % len(self)] for i in indices]
         labels = [self.split.labels[i % len(self)] for i in indices]
-        if isinstance(self.transform, BatchAugment) and len({im.shape for im in images}) == 1:
+        if isinstance(self.transform, BatchAugment):
             assert len(set(epochs)) == 1, "a batch comes from one epoch"
-            batch = self.transform(torch.stack(images), self.seed, epochs[0], list(indices))
-            return list(zip(batch.unbind(0), labels))
+            return list(zip(self.transform(images, self.seed, epochs[0], list(indices)).unbind(0), labels))
         return [(self._augment(im, e, i), label) for im, e, i, label in zip(images, epochs, indices, labels)]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         return self.__getitems__([key])[0]
 
     def _augment(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
-        if isinstance(self.transform, BatchAugment):
-            return self.transform(image[None], self.seed, epoch, [index])[0]
         # Only the CPU generator (the one transforms v2 draw from) is seeded and restored:
         # torch.manual_seed also queues CUDA/XPU/MTIA seeding with a formatted stack trace each time,
         # which cost more than the augmentation itself.

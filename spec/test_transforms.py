@@ -195,12 +195,13 @@ def test_batched_augmentation_keeps_shape_dtype_and_label(args):
 
 def check_batch_is_each_image_alone(augment, d: dict, ops: list[dict], epoch: int, n: int) -> None:
     """A sample augmented within a batch equals the same sample augmented alone: its draws depend on
-    (seed, epoch, index), never on the batch it shares or its place in it."""
+    (seed, epoch, index), never on the batch it shares, its place in it, or its neighbours' sizes."""
     try:
         exp = experiment(d, ops)
     except ConfigError:
         return
-    images = [decoded_image(d["resize_size"], d["longer"], d["portrait"], d["seed"] + i) for i in range(n)]
+    # Decoded images of a split differ in size (photos): image i is i pixels longer, every other one turned.
+    images = [decoded_image(d["resize_size"], d["longer"] + i, d["portrait"] ^ (i % 2 == 1), d["seed"] + i) for i in range(n)]
     items = image_set(images, list(range(n)), augment(tuple(exp.augment), d["image_size"]), d["seed"])
     keys = [(epoch, i) for i in reversed(range(n))]
     for (together, label), key in zip(items.__getitems__(keys), keys):
