@@ -437,7 +437,7 @@ def class_counts(split: Split, classes: list[str]) -> dict[str, int]:
 
 
 def make_loader(
-    dataset: ImageSet | FeatureSet, batch_size: int, order: Order, num_workers: int, seed: int
+    dataset: ImageSet | FeatureSet, batch_size: int, order: Order, num_workers: int, seed: int, pin: bool = False
 ) -> DataLoader:
     if num_workers > 0:
         runtime.share_batches_by_file()
@@ -447,7 +447,7 @@ def make_loader(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),  # seeds worker base seeds; augmentation ignores them
         persistent_workers=num_workers > 0,
-        pin_memory=False,
+        pin_memory=pin,  # page-locked batches copy to a GPU without blocking (Inputs sends them non_blocking)
     )
 
 
@@ -468,7 +468,8 @@ def split_loader(exp: C.Experiment, split: Split, images: Sequence[torch.Tensor]
     transform = split_transform(exp.augment if is_train else [], exp.data.image_size)
     batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
     order = exp.data.sampler if is_train else "in_order"
-    return make_loader(ImageSet(split, images, transform, exp.seed), batch, order, exp.data.num_workers, exp.seed)
+    pin = runtime.resolve_device(exp.device).type == "cuda"
+    return make_loader(ImageSet(split, images, transform, exp.seed), batch, order, exp.data.num_workers, exp.seed, pin)
 
 
 def transform_paths(loaders: dict[str, DataLoader]) -> dict[str, str]:

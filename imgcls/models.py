@@ -42,6 +42,15 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class GlobalAvgPool(nn.Module):
+    """(N, C, H, W) -> (N, C), the mean over height and width: AdaptiveAvgPool2d(1) + Flatten in
+    value, but its CUDA backward is a plain broadcast, where adaptive pooling's uses atomic adds
+    and is not deterministic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((-2, -1))
+
+
 def scratch_cnn(cfg: C.ScratchCNN, num_classes: int) -> Classifier:
     """The SmallCNN: [conv3x3(pad 1) -> (BN) -> ReLU -> MaxPool(2)] per channel count, GAP, MLP head."""
     layers: list[nn.Module] = []
@@ -52,7 +61,7 @@ def scratch_cnn(cfg: C.ScratchCNN, num_classes: int) -> Classifier:
             layers.append(nn.BatchNorm2d(out_channels))
         layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         in_channels = out_channels
-    backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    backbone = nn.Sequential(*layers, GlobalAvgPool())
     head = nn.Sequential(
         nn.Linear(in_channels, cfg.hidden), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, num_classes)
     )
@@ -81,6 +90,7 @@ def resnet18(cfg: C.ResNet18, num_classes: int) -> Classifier:
         case path:
             _load_backbone_file(backbone, path)
     backbone.fc = nn.Identity()
+    backbone.avgpool = GlobalAvgPool()  # ResNet's forward flattens after it: a no-op on (N, C)
     return Classifier(backbone, nn.Linear(RESNET18_FEATURES, num_classes), cfg.freeze_backbone)
 
 

@@ -164,7 +164,7 @@ def structural_receptive_field(backbone: nn.Module) -> tuple[int, int, int]:
     """(field, jump, offset) from the layers themselves: r += (k - 1) d j, j *= s, offset += p j."""
     r, j, offset = 1, 1, 0
     for m in backbone:
-        if isinstance(m, nn.AdaptiveAvgPool2d):
+        if isinstance(m, models.GlobalAvgPool):
             break
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
             k, s, p, d = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding, m.dilation))
@@ -196,7 +196,7 @@ def check_receptive_field(formula, cfg: C.ScratchCNN, extra: int, i: int, j: int
     jump, offset = 2**n, 2**n - 1  # each block doubles the spacing; conv padding 1 at spacing 2**i shifts the origin
     assert structural_receptive_field(backbone) == (field, jump, offset)
     size = 2**n + extra
-    feats = nn.Sequential(*list(backbone)[:-2])  # up to the last MaxPool: one feature per window
+    feats = nn.Sequential(*list(backbone)[:-1])  # up to the last MaxPool: one feature per window
     i, j = i % (size // jump), j % (size // jump)
     expected = span(size, i * jump - offset, field)[:, None] & span(size, j * jump - offset, field)[None, :]
     x = torch.rand(4, 3, size, size, dtype=torch.float64, generator=generator(seed), requires_grad=True)

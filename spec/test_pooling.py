@@ -87,8 +87,8 @@ def test_permutation_check_catches_subsampling_and_overlapping_pools():
 def check_global_average(pool, n: int, c: int, h: int, w: int, seed: int) -> None:
     x = torch.rand(n, c, h, w, dtype=torch.float64, generator=generator(seed))
     out = pool(x)
-    assert out.shape == (n, c, 1, 1)
-    assert torch.allclose(out[:, :, 0, 0], x.mean((2, 3)), rtol=1e-12, atol=1e-12)
+    assert out.shape == (n, c)  # one value per channel, ready for the head's Linear
+    assert torch.allclose(out, x.mean((2, 3)), rtol=1e-12, atol=1e-12)
 
 
 gap_maps = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 33), st.integers(1, 33), seeds)
@@ -96,14 +96,14 @@ gap_maps = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 33), s
 
 @given(gap_maps)
 def test_global_average_pooling_is_1x1_spatial_mean(m):
-    """Global average pooling (AdaptiveAvgPool2d(1)) yields 1x1 for any input size and equals the spatial mean."""
-    (pool,) = layers(DEFAULT, nn.AdaptiveAvgPool2d)
+    """Global average pooling yields one value per channel for any input size, the spatial mean."""
+    (pool,) = layers(DEFAULT, models.GlobalAvgPool)
     check_global_average(pool, *m)
 
 
 def test_global_average_check_catches_max_and_fixed_size_pooling():
-    """Broken variants: global max pooling (1x1, but not the mean) and AvgPool2d(2) (the mean of 2x2 only)."""
-    falsify(lambda m: check_global_average(nn.AdaptiveMaxPool2d(1), *m), gap_maps)
+    """Broken variants: global max pooling (one value, but not the mean) and AvgPool2d(2) (the mean of 2x2 only)."""
+    falsify(lambda m: check_global_average(nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten()), *m), gap_maps)
     falsify(lambda m: check_global_average(nn.AvgPool2d(2), *m), gap_maps, raises=(RuntimeError,))
 
 
@@ -136,7 +136,7 @@ def test_logits_shape_check_catches_a_head_without_global_pooling():
 
     def flatten_head(cfg, k):
         model = models.build_model(cfg, k)
-        model.backbone[-2] = nn.Identity()  # no AdaptiveAvgPool2d: the Linear sees C*H*W features
+        model.backbone[-1] = nn.Flatten()  # no global pooling: the Linear sees C*H*W features
         return model
 
     falsify(lambda args: check_logits_shape(flatten_head, *args), inputs, raises=(RuntimeError,))
