@@ -471,6 +471,12 @@ class TrainConfig(Section):
         description="frozen backbone and no augmentation: compute its features once per split and train the head "
         "on them (same result, each later epoch costs only the head); otherwise the frozen backbone runs without autograd",
     )
+    sync_batchnorm: Literal["auto"] | bool = Field(
+        "auto",
+        description='under torchrun with several processes, BatchNorm normalises with the statistics of the global '
+        'batch (all ranks), as one process would: "auto" (on when there is more than one process), true or false '
+        "(each rank's own slice: faster, not what one process computes). No effect in one process",
+    )
     allocator: Literal["retain", "system"] = Field(
         "retain",
         description='"retain": glibc keeps freed memory for reuse instead of returning large blocks to the OS after '

@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from typing_extensions import assert_never
 
 from imgcls import config as C
-from imgcls import cache, provenance, runtime
+from imgcls import cache, distributed, provenance, runtime
 from imgcls.errors import DataError
 
 # torchvision's ImageFolder extensions.
@@ -382,11 +382,20 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
     drawn equally often in expectation. The k-th draw of image i in an epoch has key i + k * n (the
     datasets read image key % n), so a repeated image gets augmentation draws of its own.
     A trailing batch of one is dropped unless in order: BatchNorm cannot train on a single image.
+
+    Across processes (`world`), the order and the batches are the same global ones: a training
+    batch is cut into one contiguous slice per rank, so each optimizer step sees the samples of the
+    single-process step; "in_order" (evaluation) gives each rank a contiguous shard of the split,
+    every image on exactly one rank. IMGCLS_BATCH_LOG=PATH appends each training batch's keys to
+    PATH.rank<r> (a debugging record: [epoch, step, keys] a line).
     """
 
-    def __init__(self, labels: list[int], batch_size: int, order: Order, seed: int):
+    def __init__(self, labels: list[int], batch_size: int, order: Order, seed: int,
+                 world: distributed.World = distributed.World()):
         self.labels, self.n, self.batch_size, self.order = labels, len(labels), batch_size, order
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.world = seed, 0, world
+        log = os.environ.get("IMGCLS_BATCH_LOG")
+        self.log = f"{log}.rank{world.rank}" if log and order != "in_order" else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -404,16 +413,37 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
                 assert_never(self.order)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.order == "in_order":
+            shard = self.shard()
+            for start in range(0, len(shard), self.batch_size):
+                yield [(self.epoch, k) for k in shard[start : start + self.batch_size]]
+            return
         keys = self._keys()
         for start in range(0, self.n, self.batch_size):
             batch = keys[start : start + self.batch_size]
-            if self.order != "in_order" and len(batch) == 1 and self.n > 1:
+            if len(batch) == 1 and self.n > 1:
                 return
-            yield [(self.epoch, k) for k in batch]
+            mine = batch[slice(*_bounds(len(batch), self.world)[self.world.rank : self.world.rank + 2])]
+            if self.log:
+                with open(self.log, "a") as f:
+                    f.write(f"{[self.epoch, start // self.batch_size, mine]}\n")
+            yield [(self.epoch, k) for k in mine]
+
+    def shard(self) -> list[int]:
+        """The images this rank evaluates: a contiguous part of the split, all of it in one process."""
+        bounds = _bounds(self.n, self.world)
+        return list(range(bounds[self.world.rank], bounds[self.world.rank + 1]))
 
     def __len__(self) -> int:
+        if self.order == "in_order":
+            return -(-len(self.shard()) // self.batch_size)
         full, rest = divmod(self.n, self.batch_size)
-        return full + (rest > 1 or (rest == 1 and (self.order == "in_order" or self.n == 1)))
+        return full + (rest > 1 or (rest == 1 and self.n == 1))
+
+
+def _bounds(n: int, world: distributed.World) -> list[int]:
+    """Where each rank's part of n items starts (and the last ends): sizes differ by at most one."""
+    return [n * r // world.size for r in range(world.size + 1)]
 
 
 def balanced_keys(labels: list[int], seed: int) -> list[int]:
@@ -437,13 +467,15 @@ def class_counts(split: Split, classes: list[str]) -> dict[str, int]:
 
 
 def make_loader(
-    dataset: ImageSet | FeatureSet, batch_size: int, order: Order, num_workers: int, seed: int, pin: bool = False
+    dataset: ImageSet | FeatureSet, batch_size: int, order: Order, num_workers: int, seed: int, pin: bool = False,
+    world: distributed.World = distributed.World(),
 ) -> DataLoader:
+    """batch_size is the global batch: each of world's ranks loads its slice of it."""
     if num_workers > 0:
         runtime.share_batches_by_file()
     return DataLoader(
         dataset,
-        batch_sampler=EpochBatches(dataset.split.labels, batch_size, order, seed),
+        batch_sampler=EpochBatches(dataset.split.labels, batch_size, order, seed, world),
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),  # seeds worker base seeds; augmentation ignores them
         persistent_workers=num_workers > 0,
@@ -451,9 +483,16 @@ def make_loader(
     )
 
 
-def build_loaders(exp: C.Experiment, dataset: Data) -> dict[str, DataLoader]:
+def build_loaders(exp: C.Experiment, dataset: Data, world: distributed.World = distributed.World()) -> dict[str, DataLoader]:
     """One loader per split: train shuffled and augmented, val/test in file order, centre crop only."""
-    loaders = {name: split_loader(exp, split, dataset.images[name]) for name, split in dataset.splits.items()}
+    loaders = {name: split_loader(exp, split, dataset.images[name], world) for name, split in dataset.splits.items()}
+    rest = len(dataset.splits["train"].paths) % exp.data.batch_size
+    if 1 < rest < world.size:  # a rank would get no image of the epoch's last step
+        raise DataError(
+            f"{len(dataset.splits['train'].paths)} training images in batches of data.batch_size = {exp.data.batch_size} "
+            f"leave a last batch of {rest}, fewer than the {world.size} processes that share it; "
+            "change batch_size or the number of processes"
+        )
     if len(loaders["train"]) == 0:  # a trailing batch of one is dropped (see EpochBatches)
         raise DataError(
             f"{len(dataset.splits['train'].paths)} training image(s) in batches of data.batch_size = "
@@ -463,13 +502,16 @@ def build_loaders(exp: C.Experiment, dataset: Data) -> dict[str, DataLoader]:
     return loaders
 
 
-def split_loader(exp: C.Experiment, split: Split, images: Sequence[torch.Tensor]) -> DataLoader:
+def split_loader(
+    exp: C.Experiment, split: Split, images: Sequence[torch.Tensor], world: distributed.World = distributed.World()
+) -> DataLoader:
     is_train = split.name == "train"
     transform = split_transform(exp.augment if is_train else [], exp.data.image_size)
     batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
     order = exp.data.sampler if is_train else "in_order"
     pin = runtime.resolve_device(exp.device).type == "cuda"
-    return make_loader(ImageSet(split, images, transform, exp.seed), batch, order, exp.data.num_workers, exp.seed, pin)
+    dataset = ImageSet(split, images, transform, exp.seed)
+    return make_loader(dataset, batch, order, exp.data.num_workers, exp.seed, pin, world)
 
 
 def transform_paths(loaders: dict[str, DataLoader]) -> dict[str, str]:

@@ -19,8 +19,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-from imgcls import checkpoint, config, data, models, report, runtime
+from imgcls import checkpoint, config, data, distributed, models, report, runtime
 from imgcls.errors import CheckpointError, ConfigError, guarded
 
 
@@ -39,7 +40,21 @@ def logits_of(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     for images, labels in batches:
         all_logits.append(forward(net, images, inputs))
         all_labels.append(labels)
+    if not all_logits:  # a rank whose shard of a small split is empty
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)  # 1-D empty: torch.cat skips it
     return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def split_logits_of(net: nn.Module, loader: DataLoader, inputs: runtime.Inputs, world: distributed.World) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of a split in file order, however many processes share it: each rank
+    scores its own shard (no image twice, none padded in), and the shards are gathered with their
+    image indices, so every rank holds exactly the split's logits."""
+    logits, labels = logits_of(net, loader, inputs)
+    if not world.distributed:
+        return logits, labels
+    shards = world.gather((loader.batch_sampler.shard(), logits, labels))
+    order = torch.tensor([i for indices, _, _ in shards for i in indices]).argsort()
+    return torch.cat([lg for _, lg, _ in shards])[order], torch.cat([lb for _, _, lb in shards])[order]
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:

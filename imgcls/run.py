@@ -1,6 +1,8 @@
 """The interpreter: one validated experiment in, one run directory out.
 
-`python -m imgcls.run EXPERIMENT.toml [--dry-run] [--resume]`
+`python -m imgcls.run EXPERIMENT.toml [--dry-run] [--resume]`, or under
+`torchrun --nproc_per_node N -m imgcls.run EXPERIMENT.toml` the same run over N processes
+(DistributedDataParallel; rank 0 writes every file and prints).
 
 A run is a pure function of (experiment, data, seed): everything it depends on is read from the
 experiment, and everything it produces lands in <output.root>/<name>/.
@@ -9,15 +11,17 @@ experiment, and everything it produces lands in <output.root>/<name>/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from imgcls import checkpoint, config, data, evaluate, models, page, report, rundir, runtime, train
+from imgcls import checkpoint, config, data, distributed, evaluate, models, page, report, rundir, runtime, train
 from imgcls.errors import ConfigError, UserError, guarded
 from imgcls.rundir import BEST, LAST, RunDir, Timings
 
@@ -33,46 +37,71 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True, 
     problems = config.path_problems(exp.model_dump(mode="json"))
     if problems:
         raise ConfigError("experiment", problems)
+    world = distributed.setup(device)
+    try:
+        distributed.check_batch(exp.data.batch_size, world)
+        with _claim(exp, resume, world) as run_path:
+            if resume and (run_path / "metrics.json").exists():  # killed after its last write: nothing left to do
+                if world.is_main:
+                    print(f"{run_path} already holds the finished run", file=sys.stderr)
+                return json.loads((run_path / "metrics.json").read_text())
+            run_dir, feed, opt, state = setup(exp, run_path, resume, progress, world)
+            fit(run_dir, feed, opt, state, progress, stop_after or exp.train.epochs)
+            if state.epoch < exp.train.epochs and not state.stopped_early:
+                return {}
+            return finish(run_dir, feed, state)
+    finally:
+        distributed.teardown(world)
+
+
+@contextlib.contextmanager
+def _claim(exp: config.Experiment, resume: bool, world: distributed.World) -> Iterator[Path]:
+    """Rank 0 claims the run directory (lock and reuse rules); the others wait until it has."""
+    if not world.is_main:
+        world.barrier()
+        yield Path(exp.output.root) / exp.name
+        return
     with rundir.claim(exp, resume) as run_path:
-        if resume and (run_path / "metrics.json").exists():  # killed after its last write: nothing left to do
-            print(f"{run_path} already holds the finished run", file=sys.stderr)
-            return json.loads((run_path / "metrics.json").read_text())
-        run_dir, feed, opt, state = setup(exp, run_path, resume, progress)
-        fit(run_dir, feed, opt, state, progress, stop_after or exp.train.epochs)
-        if state.epoch < exp.train.epochs and not state.stopped_early:
-            return {}
-        return finish(run_dir, feed, state)
+        world.barrier()
+        yield run_path
 
 
-def setup(exp: config.Experiment, run_path: Path, resume: bool, progress: bool) -> tuple[RunDir, train.Feed, train.Optimization, train.LoopState]:
+def setup(
+    exp: config.Experiment, run_path: Path, resume: bool, progress: bool, world: distributed.World = distributed.World()
+) -> tuple[RunDir, train.Feed, train.Optimization, train.LoopState]:
     """The preflight, the run's inputs recorded, then model, optimizer and loop state (restored on resume)."""
-    device = runtime.resolve_device(exp.device)
-    runtime.seed_everything(exp.seed, device)
+    device = distributed.device_of(runtime.resolve_device(exp.device), world)
+    runtime.seed_everything(exp.seed + world.rank, device)  # ranks draw their own dropout masks; DDP copies rank 0's weights
     runtime.configure_allocator(exp.train.allocator)  # before the first image is decoded: it governs every later block
+    progress = progress and world.is_main
 
     # The model first: pretrained weights that cannot be had fail the run before any image is
     # decoded or file written. Decoding draws no randomness, so the order leaves the bits alone.
     model = models.build(exp.model, len(data.scan_classes(exp.data.train_dir)), device, exp.train.channels_last)
-    dataset = data.prepare(exp.data, progress)  # the preflight: every image decoded and checked once
-    loaders = data.build_loaders(exp, dataset)
+    if world.distributed and exp.train.sync_batchnorm in ("auto", True):
+        distributed.sync_batchnorm(model, device)
+    with world.local_first():  # one decoded cache per machine, built by its local rank 0
+        dataset = data.prepare(exp.data, progress)  # the preflight: every image decoded and checked once
+    loaders = data.build_loaders(exp, dataset, world)
     dataset.report["transforms"] = data.transform_paths(loaders)
-    report.print_preflight(dataset.report)
-    inputs = rundir.manifest(exp, dataset)
-    if resume:
-        rundir.refuse_other_inputs(run_path, inputs)
-    report.write_json(run_path / "preflight.json", dataset.report)
-    report.write_json(run_path / rundir.MANIFEST, inputs)
-    checkpoint.atomic_write(run_path / "config.toml", config.to_toml(exp))
+    inputs = rundir.manifest(exp, dataset, world)
+    if world.is_main:
+        report.print_preflight(dataset.report)
+        if resume:
+            rundir.refuse_other_inputs(run_path, inputs)
+        report.write_json(run_path / "preflight.json", dataset.report)
+        report.write_json(run_path / rundir.MANIFEST, inputs)
+        checkpoint.atomic_write(run_path / "config.toml", config.to_toml(exp))
 
-    run_dir = RunDir(run_path, exp, dataset.classes)
+    run_dir = RunDir(run_path, exp, dataset.classes, world)
     class_counts = data.class_counts(dataset.splits["train"], dataset.classes)
     opt = train.build_optimization(exp, model, len(loaders["train"]), class_counts)
     state = train.LoopState(train.build_monitor(exp))
     if resume and (run_path / LAST).exists():
         state = run_dir.restore(model, opt, device)
-    elif resume:
+    elif resume and world.is_main:
         print(f"{run_path} holds no finished epoch yet: starting at epoch 1", file=sys.stderr)
-    feed = train.build_feed(exp, model, loaders, device)  # after restore: a cache is built from the weights that train on
+    feed = train.build_feed(exp, model, loaders, device, world)  # after restore: a cache is built from the weights that train on
     return run_dir, feed, opt, state
 
 
@@ -84,8 +113,9 @@ def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train
         epoch = state.epoch + 1
         start = time.perf_counter()
         lr = opt.optimizer.param_groups[0]["lr"]
-        fit_metrics = train.train_one_epoch(feed, opt, epoch, progress)
-        logits, labels = evaluate.logits_of(feed.net, feed.loaders["val"], feed.inputs)
+        fit_metrics = train.train_one_epoch(feed, opt, epoch, progress and feed.world.is_main)
+        # Every rank gets the same logits, so all of them agree on the best epoch and on stopping.
+        logits, labels = evaluate.split_logits_of(feed.net, feed.loaders["val"], feed.inputs, feed.world)
         val = evaluate.compute_metrics(logits, labels, run_dir.classes)
         train.step_epoch_scheduler(opt.schedule, {"val_loss": val["loss"], "val_acc": val["accuracy"]})
         row = train.epoch_row(epoch, fit_metrics, val, lr) | {"weights": checkpoint.weights_digest(feed.model.state_dict())}
@@ -95,6 +125,8 @@ def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train
         if is_best:
             run_dir.save(BEST, feed.model, state)
         run_dir.save(LAST, feed.model, state, opt)
+        if not feed.world.is_main:
+            continue
         report.write_history(run_dir.path / "history.csv", state.history)
         seconds = time.perf_counter() - start
         timings.record(run_dir.path, epoch, seconds)
@@ -106,6 +138,7 @@ def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train
 def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[str, Any]:
     """Reload the best weights, evaluate val (and test), and write every result file."""
     exp, classes, path = run_dir.exp, run_dir.classes, run_dir.path
+    run_dir.world.barrier()  # rank 0's last save is on disk before any rank reads the best weights
     if not (path / BEST).exists():
         raise UserError(f"no epoch gave a finite {exp.train.select_best}; nothing to evaluate")
     feed.model.load_state_dict(checkpoint.load(path / BEST).model)  # feed.net shares these parameters
@@ -114,8 +147,10 @@ def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[st
     for split in ("val", "test"):
         if split not in feed.loaders:
             continue
-        logits, labels = evaluate.logits_of(feed.net, feed.loaders[split], feed.inputs)
+        logits, labels = evaluate.split_logits_of(feed.net, feed.loaders[split], feed.inputs, feed.world)
         results[split] = evaluate.compute_metrics(logits, labels, classes)
+        if not run_dir.world.is_main:
+            continue
         images = feed.loaders[split].dataset.split
         report.write_predictions(path / f"predictions_{split}.csv", images.relative_paths(), logits, labels, classes)
         reports.append(f"== {split} ==\n{evaluate.text_report(logits, labels, classes)}")
@@ -127,6 +162,8 @@ def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[st
         "stopped_early": state.stopped_early,
         "feature_cache": feed.feature_cache,
     }
+    if not run_dir.world.is_main:
+        return results
     checkpoint.atomic_write(path / "classification_report.txt", "\n".join(reports))
     report.write_history(path / "history.csv", state.history)  # again: a kill may have cut off the epoch's write
     report.plot_curves(path / "curves.png", state.history, state.monitor.best_epoch)
@@ -149,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config.to_toml(exp.model_copy(update={"device": runtime.resolve_device(exp.device).type})), end="")
             return 0
         results = run(exp, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+            return 0
         for split in ("val", "test"):
             if split in results:
                 m = results[split]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import imgcls
-from imgcls import checkpoint, config, data, models, provenance, report, runtime, train
+from imgcls import checkpoint, config, data, distributed, models, provenance, report, runtime, train
 from imgcls.errors import CheckpointError, UserError
 
 BEST, LAST = "best.safetensors", "last.safetensors"
@@ -127,16 +127,22 @@ def refuse_changes(before: config.Experiment, now: config.Experiment, what: str,
 # ------------------------------------------------------------------------------------ manifest
 
 
-def manifest(exp: config.Experiment, dataset: data.Data) -> dict[str, Any]:
+def manifest(exp: config.Experiment, dataset: data.Data, world: distributed.World = distributed.World()) -> dict[str, Any]:
     """Everything a run depends on besides its experiment: every file of every split (path under
     the split's folder, class, size, SHA-256), the starting weights, the code and the environment
-    facts that can change bits. Digests name each split and the data as a whole."""
+    facts that can change bits. Digests name each split and the data as a whole.
+
+    A run of several processes records their number and backend ("distributed"): the gradient
+    all-reduce sums in another order, so bits change with them. One process records none."""
     splits = {name: _split_manifest(split, dataset.classes) for name, split in dataset.splits.items()}
+    environment = provenance.bit_relevant_environment()
+    if world.distributed:
+        environment["distributed"] = {"world_size": world.size, "backend": world.backend}
     return {
         "data": {"digest": _digest(f"{name}\t{s['digest']}" for name, s in splits.items()), "splits": splits},
         "weights": models.weights_identity(exp.model),
         "code": provenance.code_identity(),
-        "environment": provenance.bit_relevant_environment(),
+        "environment": dict(sorted(environment.items())),
     }
 
 
@@ -226,6 +232,7 @@ class RunDir:
     path: Path
     exp: config.Experiment
     classes: list[str]
+    world: distributed.World = distributed.World()  # only its main rank writes; every rank's RNG is saved
 
     def save(self, name: str, model: nn.Module, state: train.LoopState, opt: train.Optimization | None = None) -> None:
         """A weights-only checkpoint, or with `opt` the full state that --resume restores."""
@@ -241,9 +248,10 @@ class RunDir:
             optim_tensors, skeleton = checkpoint.flatten_state(
                 {"optimizer": opt.optimizer.state_dict(), "scheduler": opt.schedule.scheduler.state_dict()}, "s"
             )
-            rng, scalars = runtime.rng_state()
+            rng, scalars = _every_rank_rng(self.world)
             meta |= ResumeRecord(state, skeleton, scalars).to_meta()
-        checkpoint.save(self.path / name, checkpoint.Checkpoint(model.state_dict(), meta, optim_tensors, rng))
+        if self.world.is_main:
+            checkpoint.save(self.path / name, checkpoint.Checkpoint(model.state_dict(), meta, optim_tensors, rng))
 
     def restore(self, model: nn.Module, opt: train.Optimization, device: torch.device) -> train.LoopState:
         """Put model, optimizer, scheduler, monitor and every RNG back as they were after the saved epoch."""
@@ -260,9 +268,34 @@ class RunDir:
         states = checkpoint.unflatten_state(record.optim_skeleton, saved.optim)
         opt.optimizer.load_state_dict(states["optimizer"])
         opt.schedule.scheduler.load_state_dict(states["scheduler"])
-        runtime.set_rng_state(saved.rng, record.rng_scalars, device)
-        print(f"resuming {self.path} after epoch {record.loop.epoch}", file=sys.stderr)
+        _restore_rank_rng(saved.rng, record.rng_scalars, self.world, device)
+        if self.world.is_main:
+            print(f"resuming {self.path} after epoch {record.loop.epoch}", file=sys.stderr)
         return record.loop
+
+
+def _every_rank_rng(world: distributed.World) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """runtime.rng_state() of one process as it is; of several, every rank's under "rank<r>." and
+    {"ranks": [scalars of rank 0, 1, ...]}: each rank draws its own dropout masks."""
+    if not world.distributed:
+        return runtime.rng_state()
+    tensors, scalars = {}, []
+    for r, (rank_tensors, rank_scalars) in enumerate(world.gather(runtime.rng_state())):
+        tensors |= {f"rank{r}.{k}": v for k, v in rank_tensors.items()}
+        scalars.append(rank_scalars)
+    return tensors, {"ranks": scalars}
+
+
+def _restore_rank_rng(tensors: dict[str, torch.Tensor], scalars: dict[str, Any], world: distributed.World,
+                      device: torch.device) -> None:
+    """This rank's generators as saved. A rank the run did not have before (more processes than when it
+    was saved; the manifest names the change) keeps its fresh seeding."""
+    ranks = scalars["ranks"] if "ranks" in scalars else [scalars]
+    if world.rank >= len(ranks):
+        return
+    prefix = f"rank{world.rank}." if "ranks" in scalars else ""
+    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+    runtime.set_rng_state(mine, ranks[world.rank], device)
 
 
 @dataclass

@@ -12,14 +12,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from typing_extensions import assert_never
 
 from imgcls import config as C
-from imgcls import data, models, runtime
+from imgcls import data, distributed, models, runtime
 from imgcls.errors import ConfigError, NonFiniteLoss
 
 
@@ -187,14 +189,34 @@ class Feed:
     inputs: runtime.Inputs
     loaders: dict[str, DataLoader]
     feature_cache: bool
+    world: distributed.World = distributed.World()
+    ddp: nn.Module | None = None  # `net` under DistributedDataParallel, when the run spans processes: what trains
+
+    @property
+    def trained(self) -> nn.Module:
+        """What a training step runs: `net`, or its DDP wrapper (evaluation runs `net` itself, rank by rank)."""
+        return self.net if self.ddp is None else self.ddp
 
 
-def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, DataLoader], device: torch.device) -> Feed:
+def build_feed(
+    exp: C.Experiment, model: models.Classifier, loaders: dict[str, DataLoader], device: torch.device,
+    world: distributed.World = distributed.World(),
+) -> Feed:
     """Images through the whole model; or, where train.feature_cache applies exactly, the frozen
-    backbone's features computed once per split and fed to the head (same batches, same order)."""
+    backbone's features computed once per split and fed to the head (same batches, same order).
+    Across processes the trained network is wrapped in DistributedDataParallel."""
+    feed = _feed(exp, model, loaders, device, world)
+    if world.distributed:
+        # DDP broadcasts rank 0's weights and buffers here, so every rank starts from the same model.
+        feed.ddp = DistributedDataParallel(feed.net, device_ids=[device.index] if device.type == "cuda" else None)
+    return feed
+
+
+def _feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, DataLoader], device: torch.device,
+          world: distributed.World) -> Feed:
     inputs = data.inputs(exp, device)
     if not feature_cache_applies(exp):
-        return Feed(model, model, inputs, loaders, feature_cache=False)
+        return Feed(model, model, inputs, loaders, feature_cache=False, world=world)
     cached = {}
     for split_name, loader in loaders.items():
         in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, "in_order", 0, exp.seed)
@@ -202,9 +224,9 @@ def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, D
         batch = exp.data.batch_size if split_name == "train" else exp.data.eval_batch_size
         features_set = data.FeatureSet(features, loader.dataset.split)
         order = exp.data.sampler if split_name == "train" else "in_order"
-        cached[split_name] = data.make_loader(features_set, batch, order, 0, exp.seed)
+        cached[split_name] = data.make_loader(features_set, batch, order, 0, exp.seed, world=world)
     to_device = runtime.Inputs(lambda features: features.to(device, non_blocking=True), device, inputs.precision)
-    return Feed(model, model.head, to_device, cached, feature_cache=True)
+    return Feed(model, model.head, to_device, cached, feature_cache=True, world=world)
 
 
 def feature_cache_applies(exp: C.Experiment) -> bool:
@@ -291,7 +313,7 @@ class LoopState:
 
 
 def train_one_epoch(feed: Feed, opt: Optimization, epoch: int, progress: bool) -> dict[str, float]:
-    net, loader, device = feed.net, feed.loaders["train"], feed.inputs.device
+    net, loader, device, world = feed.trained, feed.loaders["train"], feed.inputs.device, feed.world
     net.train()
     loader.batch_sampler.set_epoch(epoch)
     n_steps = len(loader)
@@ -303,9 +325,9 @@ def train_one_epoch(feed: Feed, opt: Optimization, epoch: int, progress: bool) -
         x, y = feed.inputs.prepare(images), labels.to(device, non_blocking=True)
         with feed.inputs.autocast():
             logits = net(x)
-        loss = opt.loss_fn(logits.float(), y)
+        loss = opt.loss_fn(logits.float(), y) if not world.distributed else _share_of_loss(opt.loss_fn, logits.float(), y, world)
         opt.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world.size).backward()  # DDP averages the ranks' gradients; their shares of the loss add up
         opt.optimizer.step()
         if opt.schedule.per_batch:
             opt.schedule.scheduler.step()
@@ -313,10 +335,20 @@ def train_one_epoch(feed: Feed, opt: Optimization, epoch: int, progress: bool) -
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if step % 10 == 9 or step == n_steps - 1:
-            window = losses[max(0, step - 9) : step + 1]
+            window = world.sum(losses[max(0, step - 9) : step + 1])  # every rank sees the same sums: they stop together
             _check_finite(window, epoch, step - len(window) + 1)
             bar.set_postfix(loss=f"{window.mean().item():.4f}", lr=f"{opt.optimizer.param_groups[0]['lr']:.2e}")
-    return {"train_loss": losses.mean().item(), "train_acc": correct.item() / max(seen, 1)}
+    counts = world.sum(torch.stack([correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]))
+    return {"train_loss": world.sum(losses).mean().item(), "train_acc": counts[0].item() / max(counts[1].item(), 1)}
+
+
+def _share_of_loss(loss_fn: nn.CrossEntropyLoss, logits: torch.Tensor, y: torch.Tensor, world: distributed.World) -> torch.Tensor:
+    """This rank's part of the global batch's mean loss: its summed loss over the whole batch's
+    denominator (images, or with class weights their summed weights, as CrossEntropyLoss's mean),
+    so the ranks' parts add up to the loss one process computes on the whole batch."""
+    total = F.cross_entropy(logits, y, weight=loss_fn.weight, label_smoothing=loss_fn.label_smoothing, reduction="sum")
+    here = loss_fn.weight[y].sum() if loss_fn.weight is not None else torch.tensor(float(len(y)), device=logits.device)
+    return total / world.sum(here)
 
 
 def _check_finite(window: torch.Tensor, epoch: int, first_step: int) -> None:
