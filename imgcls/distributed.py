@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, PeerLost
 
 # A collective that waits this long means another rank died or hangs: the survivors fail instead
 # of waiting forever (torchrun also stops them as soon as it sees one of its own workers exit).
@@ -104,6 +104,22 @@ def setup(device: torch.device) -> World:
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group(world.backend, timeout=TIMEOUT)
     return world
+
+
+@contextlib.contextmanager
+def peers_watched(world: World) -> Iterator[None]:
+    """A collective that fails because a peer is gone (its connection reset, or TIMEOUT passed)
+    becomes one clear message instead of a backend traceback from every survivor."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        text = str(e)
+        if not world.distributed or not (isinstance(e, dist.DistError) or any(w in text for w in ("gloo", "NCCL", "Timed out"))):
+            raise
+        raise PeerLost(
+            f"rank {world.rank}: another process of the run stopped or stopped answering "
+            f"({text.splitlines()[0][-160:]}); every finished epoch is saved: continue with --resume"
+        ) from None
 
 
 def teardown(world: World) -> None:

@@ -45,6 +45,10 @@ class WriteError(UserError):
     pass
 
 
+class PeerLost(UserError):
+    """Another process of a distributed run died or stopped answering."""
+
+
 class Terminated(Exception):
     """SIGTERM, raised in the main thread so `finally` blocks run as for Ctrl-C."""
 

@@ -40,7 +40,7 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True, 
     world = distributed.setup(device)
     try:
         distributed.check_batch(exp.data.batch_size, world)
-        with _claim(exp, resume, world) as run_path:
+        with distributed.peers_watched(world), _claim(exp, resume, world) as run_path:
             if resume and (run_path / "metrics.json").exists():  # killed after its last write: nothing left to do
                 if world.is_main:
                     print(f"{run_path} already holds the finished run", file=sys.stderr)
