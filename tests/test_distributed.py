@@ -23,7 +23,10 @@ from imgcls.errors import ConfigError
 from .fixtures import checkpoint_epoch, cli_env, experiment, fingerprint, make_data
 
 # Dropout off: each rank draws its own masks, so only a dropout-free model can match one process.
-SAME_AS_ONE = {"model": {"dropout": 0.0}, "train": {"epochs": 1}}
+# Class weights and label smoothing, and 18 training images in batches of 4 (the last step's 2
+# images split 1 + 1): a step's loss must still be the global batch's weighted mean.
+SAME_AS_ONE = {"model": {"dropout": 0.0}, "train": {"epochs": 1, "class_weights": {"cat": 2.0}, "label_smoothing": 0.1}}
+TRAIN_PER_CLASS = 9
 # Weights of one epoch (4 steps) agree this closely: the all-reduce adds the ranks' gradients in another order.
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -102,7 +105,7 @@ def one_process(tmp_path_factory):
     """The tiny experiment in one plain process, with a validation split of 7 images (odd, so two
     ranks cannot split it evenly)."""
     base = tmp_path_factory.mktemp("one")
-    make_data(base)
+    make_data(base, train=TRAIN_PER_CLASS)
     (base / "data" / "val" / "dog" / "3.png").unlink()
     exp = experiment(base, SAME_AS_ONE)
     proc = subprocess.Popen([sys.executable, "-m", "imgcls.run", str(exp), "--quiet"], cwd=base,
@@ -116,7 +119,7 @@ def same_run_as_one_process(base: Path, one: Path) -> None:
     """What two ranks must share with one process: the samples of every step, the weights (to
     ATOL/RTOL), and the evaluation: every validation image counted once, the same confusion matrix."""
     assert steps(base, "batches") == steps(one, "batches") and steps(one, "batches")
-    assert len(steps(base, "batches")[(1, 0)]) == 4  # both ranks' halves of the global batch
+    assert len(steps(base, "batches")[(1, 0)]) == 4 and len(steps(base, "batches")[(1, 4)]) == 2  # both ranks' parts
     a, b = load_file(base / "runs/tiny/last.safetensors"), load_file(one / "runs/tiny/last.safetensors")
     weights = [k for k in a if k.startswith("model.")]
     assert weights and sorted(weights) == sorted(k for k in b if k.startswith("model."))
@@ -132,7 +135,7 @@ def same_run_as_one_process(base: Path, one: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_on_the_single_process_batches(tmp_path, one_process):
-    make_data(tmp_path)
+    make_data(tmp_path, train=TRAIN_PER_CLASS)
     (tmp_path / "data" / "val" / "dog" / "3.png").unlink()
     exp = experiment(tmp_path, SAME_AS_ONE)
     finished(torchrun(tmp_path, exp, log="batches"))
@@ -151,7 +154,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_machines_on_localhost_train_as_one_process(tmp_path, one_process):
     """Two torchrun launchers of one process each, meeting at a c10d rendezvous: two "machines"."""
-    make_data(tmp_path)
+    make_data(tmp_path, train=TRAIN_PER_CLASS)
     (tmp_path / "data" / "val" / "dog" / "3.png").unlink()
     exp = experiment(tmp_path, SAME_AS_ONE)
     port = free_port()
