@@ -1,5 +1,5 @@
 """The processes a run spans: rank and world size from torchrun, the process group, and the few
-collectives the stages need (gathering a split's logits, agreeing on a flag, global BatchNorm).
+collectives the stages need (gathering a split's logits, summing over ranks, global BatchNorm).
 
 `torchrun --nproc_per_node N -m imgcls.run EXP` starts N copies of the run; torchrun's variables
 (RANK, WORLD_SIZE, LOCAL_RANK) say which one this is. Without them a run is one process and
@@ -47,16 +47,9 @@ class World:
         if self.distributed:
             dist.barrier()
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is True on one: a NaN seen by one rank stops them all."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([int(flag)], device=self._device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """The elementwise sum over ranks (a copy; the input is left alone)."""
+        """The elementwise sum over ranks (a new tensor; in one process, t itself). Every rank gets the same
+        sums, so decisions made on them (a NaN loss stops the run) are made alike everywhere."""
         if not self.distributed:
             return t
         out = t.detach().clone().to(self._device())
