@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from imgcls import data, distributed
+from imgcls import config, data, distributed, rundir, verify
 from imgcls.errors import ConfigError
 
 from .fixtures import checkpoint_epoch, cli_env, experiment, fingerprint, make_data
@@ -68,6 +68,21 @@ def test_one_process_without_torchrun_variables():
     assert distributed.from_env("cpu", {}) == distributed.World()
     world = distributed.from_env("cpu", {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
     assert (world.rank, world.local_rank, world.size, world.backend, world.is_main) == (3, 1, 4, "gloo", False)
+
+
+def test_world_size_and_backend_are_inputs_that_can_change_bits(tmp_path):
+    """The manifest of a run of several processes records them, so verify (and --resume, compare)
+    name a change of world size as a change of the environment; one process records nothing new."""
+    make_data(tmp_path)
+    exp = config.load(experiment(tmp_path, {"data": {"train_dir": str(tmp_path / "data/train"),
+                                                      "val_dir": str(tmp_path / "data/val")}}))
+    dataset = data.prepare(exp.data, progress=False)
+    one = rundir.manifest(exp, dataset)
+    two = rundir.manifest(exp, dataset, distributed.World(0, 0, 2, "gloo"))
+    assert "distributed" not in one["environment"]
+    assert two["environment"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    changes = verify.input_changes(two, one)
+    assert changes and all(line.startswith("environment.distributed") for line in changes), changes
 
 
 # ------------------------------------------------------------------------------------ torchrun
