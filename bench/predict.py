@@ -31,7 +31,7 @@ def folder(name: str, quick: bool, rounds: int) -> dict[str, Any]:
     root = generated_folder(f"{name.replace('@', '_')}_predict_{n}", 4, {"train": 1, "val": n // 4}, MODELS[name][2])
     exp_path, ckpt_path = _checkpoint(name, root)
     loaded = evaluate.load_for_inference(exp_path, ckpt_path)
-    paths = predict.expand([f"{root}/val"])
+    paths, _ = predict.expand([f"{root}/val"])
     transform = data.eval_transform(loaded.exp.data.image_size)
     batch = loaded.exp.data.eval_batch_size
     crops = [transform(data.decode(p, loaded.exp.data.resize_size)) for p in paths]

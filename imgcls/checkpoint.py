@@ -159,12 +159,17 @@ def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via a temp file in the same folder, fsync, rename: a crash leaves the old file whole."""
+    """Write via a temp file in the same folder, fsync, rename: a crash leaves the old file whole.
+
+    The file gets the permissions the umask gives any new file (0666 & ~umask, e.g. 0644):
+    mkstemp creates its temp files 0600, readable by their owner only.
+    """
     payload = data.encode() if isinstance(data, str) else data
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -233,3 +238,21 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if "__list__" in skeleton:
             return [unflatten_state(v, tensors) for v in skeleton["__list__"]]
     return skeleton
+
+
+PROC_STATUS = "/proc/self/status"
+
+
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc/self/status; elsewhere os.umask is the only way
+    to read it, by setting it and back, which a file created by another thread in between would see."""
+    try:
+        with open(PROC_STATUS, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # the strictest: what a racing thread's file gets for that moment
+    os.umask(mask)
+    return mask

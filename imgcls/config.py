@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imgcls.errors import ConfigError, guarded
 
@@ -28,6 +28,34 @@ Range = Annotated[list[float], Field(min_length=2, max_length=2)]
 # Learning rates and decay factors become float32 inside torch's optimizers, where 1e39 overflows
 # ("value cannot be converted to type float"); far below that, one step already makes weights inf.
 MAX_RATE = 1e3
+
+# Upper bounds on every number that sizes memory, so an experiment that cannot fit is refused when
+# the file loads, not by the operating system in epoch 1. Constants, not the machine's: a run is a
+# pure function of its file. Epoch counts (epochs, step_size, patience) cost time, not memory, and
+# stay unbounded; gaussian_blur.kernel_size is bounded by the side it blurs (_augment_size_problems).
+MAX_IMAGE_SIZE = 2048  # ResNet18 keeps 80 MB of activations per 224-pixel image for backward; 6.6 GB at 2048
+MAX_RESIZE_SIZE = 4096  # one cached 4096x4096 image is 50 MB (data.MAX_ASPECT times that at most)
+MAX_BATCH_SIZE = 4096  # 4096 images of 224 pixels are 2.5 GB as float32, before any activation
+MAX_WORKERS = 64  # each worker is a whole Python process with torch loaded (hundreds of MB)
+MAX_CHANNELS = 4096  # a conv3x3 from 4096 to 4096 channels holds 151 M weights (600 MB)
+MAX_HIDDEN = 65536  # Linear(4096, 65536) holds 268 M weights (1 GB)
+MAX_MAGNITUDE_BINS = 256  # 8-bit images have 256 levels; torchvision builds tables this long for every image
+MAX_NUM_OPS = 16  # each op is a pass over the image; RandAugment's paper uses 1 to 3
+MAX_SEED = 2**32 - 1  # NumPy's global seeding takes 32 bits
+
+
+def _home(path: str) -> str:
+    """A leading `~` or `~user` is a home folder, as in the shell, so the resolved experiment records
+    the real path; one that names no home is refused, never made a folder literally named `~`."""
+    expanded = os.path.expanduser(path)
+    if not expanded or expanded.startswith("~"):
+        first = path.split("/", 1)[0]
+        raise ValueError(f"{first!r} is no home folder (no such user, or HOME unset): write the path in full")
+    return expanded
+
+
+# A path the experiment names: any text, with `~` meaning home.
+PathText = Annotated[str, Field(min_length=1), AfterValidator(_home)]
 
 
 class Section(BaseModel):
@@ -55,21 +83,35 @@ class NormalizeStats(Section):
 
 
 class DataConfig(Section):
-    train_dir: str = Field(min_length=1, description="training images: one sub-folder per class (ImageFolder)")
-    val_dir: str = Field(min_length=1, description="validation images, same layout; labelled with train's classes")
-    test_dir: str | None = Field(None, min_length=1, description="optional test images, same layout")
-    image_size: int = Field(224, ge=8, description="side of the square image the model sees, in pixels")
+    train_dir: PathText = Field(description="training images: one sub-folder per class (ImageFolder); ~ is home")
+    val_dir: PathText = Field(description="validation images, same layout; labelled with train's classes")
+    test_dir: PathText | None = Field(None, description="optional test images, same layout")
+    image_size: int = Field(
+        224, ge=8, le=MAX_IMAGE_SIZE, description=f"side of the square image the model sees, in pixels (8..{MAX_IMAGE_SIZE})"
+    )
     resize_size: int | None = Field(
         None,
         ge=8,
+        le=MAX_RESIZE_SIZE,
         description="shorter side, in pixels, each image is resized to when decoded; evaluation centre-crops "
-        "image_size from it (default: image_size * 8/7, torchvision's 256 for 224)",
+        f"image_size from it (default: image_size * 8/7, torchvision's 256 for 224; at most {MAX_RESIZE_SIZE})",
     )
     batch_size: int = Field(
-        32, ge=2, description="training images per optimizer step (at least 2: a batch of one is dropped, BatchNorm cannot train on it)"
+        32,
+        ge=2,
+        le=MAX_BATCH_SIZE,
+        description=f"training images per optimizer step (2..{MAX_BATCH_SIZE}: a batch of one is dropped, "
+        "BatchNorm cannot train on it)",
     )
-    eval_batch_size: int = Field(128, ge=1, description="images per forward pass when evaluating or predicting")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
+    eval_batch_size: int = Field(
+        128,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description=f"images per forward pass when evaluating or predicting (1..{MAX_BATCH_SIZE})",
+    )
+    num_workers: int = Field(
+        0, ge=0, le=MAX_WORKERS, description=f"DataLoader worker processes (0: load in the main process; at most {MAX_WORKERS})"
+    )
     normalize: Literal["imagenet", "half"] | NormalizeStats = Field(
         "imagenet",
         description='"imagenet" (torchvision\'s mean/std), "half" (mean = std = 0.5), or { mean = [..], std = [..] }',
@@ -133,7 +175,12 @@ class RandomResizedCrop(Section):
 
 class RandomCrop(Section):
     op: Literal["random_crop"]
-    padding: int = Field(0, ge=0, description="pixels added on each border before cropping image_size")
+    padding: int = Field(
+        0,
+        ge=0,
+        le=MAX_IMAGE_SIZE,  # a border wider than the largest crop is blank pixels only
+        description=f"pixels added on each border before cropping image_size (at most {MAX_IMAGE_SIZE})",
+    )
     padding_mode: Literal["constant", "edge", "reflect", "symmetric"] = Field(
         "constant", description="how the padding is filled"
     )
@@ -141,7 +188,7 @@ class RandomCrop(Section):
 
 class Resize(Section):
     op: Literal["resize"]
-    size: int = Field(ge=8, description="shorter side after resizing, in pixels")
+    size: int = Field(ge=8, le=MAX_RESIZE_SIZE, description=f"shorter side after resizing, in pixels (8..{MAX_RESIZE_SIZE})")
 
 
 class HorizontalFlip(Section):
@@ -188,12 +235,17 @@ class GaussianBlur(Section):
 
 class TrivialAugment(Section):
     op: Literal["trivial_augment"]
-    num_magnitude_bins: int = Field(31, ge=2, description="number of magnitude levels (TrivialAugmentWide)")
+    num_magnitude_bins: int = Field(
+        31,
+        ge=2,
+        le=MAX_MAGNITUDE_BINS,
+        description=f"number of magnitude levels (TrivialAugmentWide; 2..{MAX_MAGNITUDE_BINS})",
+    )
 
 
 class RandAugment(Section):
     op: Literal["rand_augment"]
-    num_ops: int = Field(2, ge=1, description="operations applied to each image")
+    num_ops: int = Field(2, ge=1, le=MAX_NUM_OPS, description=f"operations applied to each image (1..{MAX_NUM_OPS})")
     magnitude: int = Field(9, ge=0, le=30, description="strength of each operation, 0..30")
 
 
@@ -234,10 +286,14 @@ Augment = Annotated[
 
 class ScratchCNN(Section):
     arch: Literal["scratch_cnn"]
-    channels: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = Field(
-        [32, 64, 128], description="output channels of each conv3x3 -> ReLU -> MaxPool(2) block"
+    # The number of blocks needs no bound of its own: image_size must be at least 2 ** blocks.
+    channels: Annotated[list[Annotated[int, Field(ge=1, le=MAX_CHANNELS)]], Field(min_length=1)] = Field(
+        [32, 64, 128],
+        description=f"output channels of each conv3x3 -> ReLU -> MaxPool(2) block (each 1..{MAX_CHANNELS})",
     )
-    hidden: int = Field(128, ge=1, description="width of the hidden layer of the classifier head")
+    hidden: int = Field(
+        128, ge=1, le=MAX_HIDDEN, description=f"width of the hidden layer of the classifier head (1..{MAX_HIDDEN})"
+    )
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout probability before the last layer")
     batch_norm: bool = Field(False, description="BatchNorm after each convolution")
 
@@ -248,9 +304,8 @@ class ScratchCNN(Section):
 
 class ResNet18(Section):
     arch: Literal["resnet18"]
-    weights: str = Field(
+    weights: PathText = Field(
         "imagenet",
-        min_length=1,
         description='"none" (random init), "imagenet" (torchvision\'s IMAGENET1K_V1), or a path to a '
         "state dict (.pth/.safetensors) or an imgcls checkpoint",
     )
@@ -367,7 +422,7 @@ class EarlyStopping(Section):
 
 
 class OutputConfig(Section):
-    root: str = Field("runs", min_length=1, description="folder that holds run directories (<root>/<name>)")
+    root: PathText = Field("runs", description="folder that holds run directories (<root>/<name>); ~ is home")
 
 
 class Experiment(Section):
@@ -377,7 +432,7 @@ class Experiment(Section):
         description="run name; the run directory is <output.root>/<name>",
     )
     seed: int = Field(
-        0, ge=0, le=2**32 - 1, description="seeds weights, shuffling and augmentation (0 .. 2**32 - 1, NumPy's range)"
+        0, ge=0, le=MAX_SEED, description=f"seeds weights, shuffling and augmentation (0..{MAX_SEED})"
     )
     device: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description='"auto" picks cuda when available; the run records the resolved value'
@@ -598,9 +653,11 @@ def class_folders(root: str) -> list[str]:
 
 
 def path_problems(tree: dict[str, Any]) -> list[str]:
-    """What the folders and files an experiment names must hold, checked without reading an image.
+    """What the folders and files an experiment names must hold, checked without reading an image:
+    the data folders exist, the weights file exists, the run directory can be created and written.
 
-    Takes the parsed (or dumped) experiment, so the checks also run beside schema errors.
+    Takes the parsed (or dumped) experiment, so the checks also run beside schema errors (a parsed
+    path's `~` is expanded here as the schema would).
     """
     data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
     problems, classes, seen = [], {}, {}
@@ -608,6 +665,7 @@ def path_problems(tree: dict[str, Any]) -> list[str]:
         value = data.get(key)
         if not isinstance(value, str) or not value:
             continue
+        value = os.path.expanduser(value)
         if not Path(value).is_dir():
             problems.append(f"data.{key}: folder {value!r} does not exist (relative paths start at {os.getcwd()})")
             continue
@@ -627,9 +685,31 @@ def path_problems(tree: dict[str, Any]) -> list[str]:
             )
     model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
     weights = model.get("weights")
-    if isinstance(weights, str) and weights not in ("none", "imagenet", "") and not Path(weights).is_file():
+    if isinstance(weights, str) and weights not in ("none", "imagenet", "") and not Path(os.path.expanduser(weights)).is_file():
         problems.append(f"model.weights: file {weights!r} does not exist; use \"none\", \"imagenet\" or a path")
+    output = tree.get("output") if isinstance(tree.get("output"), dict) else {}
+    root = output.get("root", OutputConfig.model_fields["root"].default)
+    if isinstance(root, str) and root:
+        name = tree.get("name")
+        run_dir = Path(os.path.expanduser(root)) / (name if isinstance(name, str) and "/" not in name else "")
+        problem = _unwritable(run_dir)
+        if problem:
+            problems.append(f"output.root: {problem}")
     return problems
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why `folder` (to be created, or written in) cannot be, found before any image is decoded and
+    without writing anything: the nearest part of its path that exists must be a folder this
+    process may create entries in."""
+    existing = Path(os.path.abspath(folder))
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create {str(folder)!r}: {str(existing)!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return f"cannot write in {str(existing)!r} (permission denied or a read-only file system), so no run directory can be made there"
+    return None
 
 
 # ------------------------------------------------------------------------ comparing experiments
@@ -834,15 +914,12 @@ def _inline(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--reference"]:
-        print(reference(), end="")
-        return 0
     if len(argv) != 1:
         print("usage: python -m imgcls.config EXPERIMENT.toml | --reference", file=sys.stderr)
         return 2
 
     def go() -> int:
-        print(to_toml(load(argv[0], check_paths=True)), end="")
+        print(reference() if argv == ["--reference"] else to_toml(load(argv[0], check_paths=True)), end="")
         return 0
 
     return guarded(go)

@@ -80,16 +80,19 @@ def scan_split(name: str, root: str, classes: list[str]) -> Split:
         folder = os.path.join(root, cls)
         if not os.path.isdir(folder):
             continue
-        files = image_files(folder, split.skipped)
+        others: Counter = Counter()
+        files = image_files(folder, split.skipped, others)
         if not files:
-            raise DataError(f"{folder}: class {cls!r} of the {name} split holds no images")
+            raise DataError(f"{folder}: class {cls!r} of the {name} split holds no images{unlisted(others)}")
         split.paths += files
         split.labels += [label] * len(files)
     return split
 
 
-def image_files(folder: str, skipped: Counter) -> list[str]:
-    """Image files below folder, sorted; symlinked folders are followed once and never out of folder."""
+def image_files(folder: str, skipped: Counter, others: Counter | None = None) -> list[str]:
+    """Image files below folder, sorted; symlinked folders are followed once and never out of folder.
+
+    Files skipped for their extension are counted by extension in `others`."""
     top = os.path.realpath(folder)
     seen_dirs, seen_files, found = set(), set(), []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -112,12 +115,26 @@ def image_files(folder: str, skipped: Counter) -> list[str]:
                 skipped["hidden or system file"] += 1
             elif not fname.lower().endswith(IMAGE_EXTENSIONS):
                 skipped["not an image extension"] += 1
+                if others is not None:
+                    others[os.path.splitext(fname)[1] or "no extension"] += 1
             elif os.path.realpath(path) in seen_files:
                 skipped["duplicate link to the same file"] += 1
             else:
                 seen_files.add(os.path.realpath(path))
                 found.append(path)
     return found
+
+
+def unlisted(others: Counter) -> str:
+    """What a folder without images did hold, for its error message: files may be images under a name
+    imgcls does not read (x.jfif, x.JPG2, a PNG with no extension), and an empty class is no answer."""
+    if not others:
+        return ""
+    found = ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda item: (-item[1], item[0])))
+    return (
+        f", only {sum(others.values())} file(s) with other extensions ({found}); imgcls reads "
+        f"{' '.join(IMAGE_EXTENSIONS)} in any case: rename them if they are images"
+    )
 
 
 # ------------------------------------------------------------------------------------- decoding
@@ -178,14 +195,25 @@ def _decode_file(f: BinaryIO, path: str, resize_size: int) -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(f, formats=DECODERS) as img:
+            with warnings.catch_warnings():
+                # PIL warns on the header's size, before draft mode can shrink a JPEG: a 100-megapixel
+                # photo decodes at 1/8 scale, so the pixel count is checked below, after draft.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f, formats=DECODERS)
+            with img:
                 # A camera's multi-picture JPEG (MPO) is a photo plus previews: its first frame is the photo.
                 if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
                     raise DataError(f"{path}: animated or multi-page image ({img.n_frames} frames); save one frame")
+                _check_shape(path, img.size, resize_size)
                 img.draft("RGB", (resize_size, resize_size))  # JPEG: decode at a reduced scale when possible
+                if img.size[0] * img.size[1] > Image.MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{path}: refused, too many pixels ({img.size[0]}x{img.size[1]}, more than PIL's limit of "
+                        f"{Image.MAX_IMAGE_PIXELS} for a {img.format} file); scale it down"
+                    )
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                img = to_rgb(img)
+                ImageOps.exif_transpose(img, in_place=True)  # in place: a TIFF keeps the tags `to_rgb` reads
+                img = to_rgb(img, path)
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -201,14 +229,34 @@ def _decode_file(f: BinaryIO, path: str, resize_size: int) -> torch.Tensor:
     return _resize_shorter(image, resize_size).contiguous()
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency is blended onto BACKGROUND, 16-bit keeps its levels."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+# The longest side an image may have, in multiples of its shorter one. Decoding resizes the shorter
+# side to resize_size, so the cached image holds resize_size**2 * aspect pixels: without a limit a
+# 258-byte 1x60000 PNG became 256 x 15 million pixels (8.4 GB). Past 10:1, evaluation's centre crop
+# keeps under a tenth of the picture anyway; at 10:1 an image costs at most 10 * resize_size**2 * 3
+# bytes (2 MB at 256).
+MAX_ASPECT = 10
+
+
+def _check_shape(path: str, size: tuple[int, int], resize_size: int) -> None:
+    """Refuse, from the header's size alone, an image whose resized form would exceed MAX_ASPECT."""
+    w, h = size
+    new_h, new_w = resized_shape(h, w, resize_size)
+    if max(new_h, new_w) > MAX_ASPECT * resize_size:
+        raise DataError(
+            f"{path}: refused, {w}x{h} pixels is longer than {MAX_ASPECT}:1; with its shorter side resized to "
+            f"{resize_size} it would take {new_w}x{new_h} pixels ({3 * new_w * new_h / 1e9:.2g} GB). Crop it "
+            f"to at most {MAX_ASPECT}:1"
+        )
+
+
+def to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is blended onto BACKGROUND, 16-bit keeps its levels,
+    32-bit integer and float greyscale are mapped by `levels`."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit greyscale: PIL's convert("L") clips at 255, so scale 0..65535 down to 0..255 instead.
-        arr = np.asarray(img).astype(np.int64)
-        img = Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):
+        img = Image.fromarray(levels(_greyscale_values(img), path), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
@@ -219,13 +267,57 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _greyscale_values(img: Image.Image) -> np.ndarray:
+    """The values of a mode "I" or "F" image. PIL reads an unsigned 32-bit TIFF into its signed "I"
+    mode, so values above 2**31 come out negative: such a file's bits are read back as unsigned."""
+    values = np.asarray(img)
+    tags = getattr(img, "tag_v2", {})
+    if img.mode == "I" and img.format == "TIFF" and tags.get(258) in (32, (32,)) and tags.get(339, 1) in (1, (1,)):
+        return values.astype(np.int32, copy=False).view(np.uint32)  # BitsPerSample 32, SampleFormat unsigned
+    return values
+
+
+def levels(values: np.ndarray, path: str) -> np.ndarray:
+    """Greyscale values whose mode does not say their depth (32-bit integer or float) as 8-bit levels.
+
+    The rule, read from the values: floats within [0, 1] are fractions of white; values within
+    0..255 are 8-bit levels, within 0..65535 16-bit levels (as 16-bit files); a larger range is
+    scaled so its largest value is white. Negative, NaN or infinite values have no such reading:
+    the file is refused, never turned silently black or white.
+    """
+    if values.size == 0:
+        return values.astype(np.uint8)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise DataError(f"{path}: float image holding NaN or infinite values; save it as an 8- or 16-bit image")
+    low, high = values.min(), values.max()
+    if low < 0:
+        raise DataError(
+            f"{path}: {values.dtype} image with negative values (down to {low}); imgcls reads greyscale as "
+            "intensities from 0 up: save it as an 8- or 16-bit image"
+        )
+    # float32 arithmetic (4 bytes a pixel, as the values themselves) is exact enough for 8-bit levels.
+    if values.dtype.kind == "f" and high <= 1:
+        scaled = np.rint(values.astype(np.float32) * 255)
+    elif high <= 255:
+        scaled = np.rint(values) if values.dtype.kind == "f" else values
+    elif high <= 65535:
+        scaled = np.floor(values / np.float32(256)) if values.dtype.kind == "f" else values >> 8  # as 16-bit files
+    else:
+        scaled = np.rint(values.astype(np.float32) * np.float32(255 / float(high)))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """(height, width) once the shorter side is size: what `_resize_shorter` makes, known from the header."""
+    return (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
+
+
 def _resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear with antialiasing (torchvision's Resize(size) on uint8), shorter side to size."""
     h, w = image.shape[-2:]
     if min(h, w) == size:
         return image
-    new = [size, max(1, round(w * size / h))] if h <= w else [max(1, round(h * size / w)), size]
-    return v2.functional.resize(image, new, antialias=True)
+    return v2.functional.resize(image, list(resized_shape(h, w, size)), antialias=True)
 
 
 # ------------------------------------------------------------------------------------ transforms

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgcls.errors import UserError
+from imgcls.errors import UserError, guarded
 
 
 def groceries(out: Path) -> dict[str, int]:
@@ -68,22 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=["groceries", "digits"])
     parser.add_argument("out", type=Path, help="folder to create (train/, val/, test/ inside)")
     args = parser.parse_args(argv)
-    if args.out.exists() and any(args.out.iterdir()):
-        print(f"{args.out} already holds a data set; delete it to rebuild", file=sys.stderr)
-        return 0
-    # Built beside the target and renamed at the end: an interrupted build never looks complete.
-    partial = args.out.with_name(args.out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+
+    def go() -> int:
+        if args.out.exists() and any(args.out.iterdir()):
+            print(f"{args.out} already holds a data set; delete it to rebuild", file=sys.stderr)
+            return 0
+        # Built beside the target and renamed at the end: an interrupted build never looks complete.
+        partial = args.out.with_name(args.out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         counts = groceries(partial) if args.name == "groceries" else digits(partial)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.out.exists():
-        args.out.rmdir()  # an empty leftover; a non-empty one was refused above
-    partial.rename(args.out)
-    print(f"{args.name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" images in {args.out}")
-    return 0
+        if args.out.exists():
+            args.out.rmdir()  # an empty leftover; a non-empty one was refused above
+        partial.rename(args.out)
+        print(f"{args.name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" images in {args.out}")
+        return 0
+
+    return guarded(go)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ else is a bug. Imports the standard library only, so the schema can use it witho
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Callable
@@ -55,11 +56,22 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def guarded(fn: Callable[[], int], on_interrupt: str = "") -> int:
     """Run a command: user errors print one clear message (no traceback) and exit 2.
 
-    Ctrl-C exits 130 and SIGTERM 143 (the shell's 128 + signal), after saying what was kept.
+    Ctrl-C exits 130 and SIGTERM 143 (the shell's 128 + signal), after saying what was kept. Output
+    works in a pipe and on any terminal: a reader that stops early (`| head -1`) ends the command
+    quietly with 141 (128 + SIGPIPE, as the shell reports a command the pipe ended), and a character
+    the terminal's encoding lacks is printed as its backslash escape instead of failing.
     """
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a TextIOWrapper; stand-ins (a test's StringIO) have no encoding to fail
+            stream.reconfigure(errors="backslashreplace")
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return fn()
+        status = fn()
+        sys.stdout.flush()  # here, not at exit: a reader gone away must surface inside this guard
+        return status
+    except BrokenPipeError:
+        _discard_stdout()
+        return 141
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,3 +83,15 @@ def guarded(fn: Callable[[], int], on_interrupt: str = "") -> int:
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit does not fail again on the
+    closed pipe (the recipe of Python's signal documentation)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file descriptor: nothing is flushed to a pipe at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)

@@ -72,7 +72,8 @@ def text_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
     from sklearn.metrics import classification_report
 
     return classification_report(
-        labels.numpy(), logits.argmax(1).numpy(), labels=list(range(len(classes))), target_names=classes,
+        labels.numpy(), logits.argmax(1).numpy(), labels=list(range(len(classes))),
+        target_names=[report.display_name(c) for c in classes],  # a text file: one line per class, valid UTF-8
         digits=4, zero_division=0,
     )
 

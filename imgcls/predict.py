@@ -10,7 +10,6 @@ still classified, and the exit status is 1 when any failed.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -20,19 +19,24 @@ from typing import Iterator, TextIO
 
 import torch
 
-from imgcls import data, evaluate
+from imgcls import data, evaluate, report
 from imgcls.errors import DataError, guarded
 
 
-def expand(inputs: list[str]) -> list[str]:
-    """Files as given; folders become their image files (recursively, sorted, hidden ones skipped)."""
-    paths = []
+def expand(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """Files as given; folders become their image files (recursively, sorted, hidden ones skipped).
+    Also returns an error for each folder that holds no image file, saying what it holds instead."""
+    paths, errors = [], []
     for item in inputs:
         if os.path.isdir(item) and not item.lower().endswith(data.IMAGE_EXTENSIONS):
-            paths += data.image_files(item, Counter())
+            others: Counter = Counter()
+            found = data.image_files(item, Counter(), others)
+            if not found:
+                errors.append(f"{item}: a folder holding no images{data.unlisted(others)}")
+            paths += found
         else:
             paths.append(item)
-    return paths
+    return paths, errors
 
 
 def classify(trained: evaluate.Trained, paths: list[str], top_k: int) -> tuple[list[dict], list[str]]:
@@ -89,19 +93,20 @@ def _decoded_ahead(paths: list[str], resize_size: int, window: int) -> Iterator[
 
 
 def write(results: list[dict], fmt: str, out: TextIO) -> None:
+    """Results as JSON (every name exact, see report's docstring), CSV (valid UTF-8) or text lines
+    (one per image: its names' line breaks and control characters escaped)."""
     if fmt == "json":
-        json.dump(results, out, indent=2)
+        json.dump(results, out, indent=2, ensure_ascii=True)
         out.write("\n")
     elif fmt == "csv":
         k = max((len(r["top"]) for r in results), default=1)
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["path"] + [f"{name}{i}" for i in range(1, k + 1) for name in ("class", "probability")])
-        for r in results:
-            writer.writerow([r["path"]] + [v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}")])
+        header = ["path"] + [f"{name}{i}" for i in range(1, k + 1) for name in ("class", "probability")]
+        rows = [[r["path"]] + [v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}")] for r in results]
+        report.write_csv(out, [header, *rows])
     else:
         for r in results:
-            guesses = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-            out.write(f"{r['path']}: {guesses}\n")
+            guesses = ", ".join(f"{report.display_name(t['class'])} {t['probability']:.3f}" for t in r["top"])
+            out.write(f"{report.display_name(r['path'])}: {guesses}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         trained = evaluate.load_for_inference(args.experiment, args.checkpoint)
-        results, errors = classify(trained, expand(args.images), args.top_k)
+        paths, empty = expand(args.images)
+        results, errors = classify(trained, paths, args.top_k)
         write(results, args.format or "text", sys.stdout)
-        for e in errors:
+        for e in empty + errors:
             print(f"error: {e}", file=sys.stderr)
         return 1 if errors else 0
 

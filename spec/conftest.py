@@ -1,34 +1,14 @@
-"""Hypothesis profiles and the shared fixtures of the property suite.
-
-HYPOTHESIS_PROFILE picks the profile: "dev" (default) explores new examples on every run and keeps
-failures in .hypothesis/; "ci" is derandomized and keeps no database, so a CI failure reproduces
-exactly. Both run few examples: every property is written to be meaningful at small sizes.
-"""
+"""The shared fixtures of the property suite; its hypothesis profiles are the repository's
+(conftest.py at the root: HYPOTHESIS_PROFILE=dev, ci or fuzz)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
 from imgcls import report
 
 from .support import write_image_folders
-
-# too_slow: on a shared 2-core machine, drawing a whole experiment can take longer than hypothesis expects.
-settings.register_profile("dev", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile(
-    "ci",
-    max_examples=20,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(autouse=True)

@@ -268,12 +268,12 @@ def _accepted(exp: dict[str, Any]) -> bool:
 def _experiments(draw) -> dict[str, Any]:
     model = draw(variant(MODEL_FIELDS))
     dirs = draw(st.lists(texts, min_size=2, max_size=3, unique_by=os.path.normpath))
-    image_size = draw(st.integers(max(8, min_image_size(model)), 4096))
+    image_size = draw(st.integers(max(8, min_image_size(model)), C.MAX_IMAGE_SIZE))
     data: dict[str, Any] = {"train_dir": dirs[0], "val_dir": dirs[1], "image_size": image_size}
     if len(dirs) == 3:
         data["test_dir"] = dirs[2]
     optional = {
-        "resize_size": st.integers(image_size, 2 * image_size),
+        "resize_size": st.integers(image_size, min(2 * image_size, C.MAX_RESIZE_SIZE)),
         "batch_size": st.integers(2, 4096),
         "eval_batch_size": st.integers(1, 4096),
         "num_workers": st.integers(0, 64),
@@ -293,7 +293,7 @@ def _experiments(draw) -> dict[str, Any]:
         "model": model,
     }
     optional_top = {
-        "seed": st.integers(0, 2**32 - 1),
+        "seed": st.integers(0, C.MAX_SEED),
         "device": st.sampled_from(["cpu", "cuda", "auto"]),
         "augment": st.lists(augment_ops(), max_size=4),
         "optimizer": variant(OPTIMIZER_FIELDS).map(sgd_consistent),

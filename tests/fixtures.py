@@ -245,9 +245,15 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
 
 def bomb_png(path, side: int) -> None:
     """A valid greyscale PNG of side x side black pixels written row by row (never held in memory)."""
+    blank_png(path, side, side)
+
+
+def blank_png(path, width: int, height: int) -> None:
+    """A valid greyscale PNG of width x height black pixels, written row by row: a few hundred bytes
+    whatever its size, as a hostile file can be."""
     compressor, body = zlib.compressobj(9), []
-    row = b"\0" * (side + 1)  # filter byte + pixels
-    for _ in range(side):
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    for _ in range(height):
         body.append(compressor.compress(row))
     body.append(compressor.flush())
     idat = b"".join(body)
@@ -255,7 +261,7 @@ def bomb_png(path, side: int) -> None:
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
@@ -308,3 +314,24 @@ def structured_image(seed: int, height: int, width: int) -> np.ndarray:
         disc = (yy * max(height, width) / height - cy) ** 2 + (xx * max(height, width) / width - cx) ** 2 < radius**2
         pixels[disc] = rng.uniform(0, 255, 3)
     return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def grey_tiff(path, values: np.ndarray) -> None:
+    """An uncompressed one-channel TIFF of 32-bit values, with the SampleFormat its dtype says
+    (1 unsigned, 2 signed, 3 float): PIL writes uint32 arrays as signed, so the header is written here."""
+    values = np.ascontiguousarray(values)
+    assert values.ndim == 2 and values.dtype.itemsize == 4, values.dtype
+    fmt = {"u": 1, "i": 2, "f": 3}[values.dtype.kind]
+    h, w = values.shape
+    pixels = values.astype(values.dtype.newbyteorder("<")).tobytes()
+    # (tag, type, value): type 3 SHORT, 4 LONG; entries sorted by tag, as TIFF requires.
+    entries = [(256, 4, w), (257, 4, h), (258, 3, 32), (259, 3, 1), (262, 3, 1), (273, 4, 0),
+               (277, 3, 1), (278, 4, h), (279, 4, len(pixels)), (339, 3, fmt)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    offset = 8 + ifd_size  # pixels follow the only IFD
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = offset if tag == 273 else value
+        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+    with open(path, "wb") as f:
+        f.write(b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + pixels)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from imgcls import checkpoint as ckpt_io
@@ -181,6 +181,37 @@ def test_every_result_file_of_a_run_is_written_through_a_temp_file_and_rename(tm
     assert direct == [rundir.LOCK], f"written in place: {direct}"
     assert set(renamed) == set(os.listdir(run_dir)) - {rundir.LOCK}, (renamed, os.listdir(run_dir))
     assert renamed[-1] == "metrics.json"  # written last: its presence marks a finished run
+
+
+# ------------------------------------------------------------------- permissions: the umask's
+
+
+@given(umask=st.integers(0, 0o777), replace=st.booleans(), from_proc=st.booleans())
+@example(umask=0o022, replace=False, from_proc=True)  # the usual: 0644, readable by the group and others
+@example(umask=0o077, replace=True, from_proc=True)  # private: 0600
+@example(umask=0o002, replace=False, from_proc=False)  # a shared group: 0664
+def test_a_result_file_gets_the_permissions_the_umask_gives_a_new_file(tmp_path_factory, umask, replace, from_proc):
+    """mkstemp creates 0600 whatever the umask: a result file must be readable as `open` would make it,
+    whether the umask is read from /proc (Linux) or by setting it and back (elsewhere)."""
+    folder = tmp_path_factory.mktemp("umask")
+    if replace:
+        (folder / "metrics.json").write_text("old")
+        os.chmod(folder / "metrics.json", 0o600)
+    previous = os.umask(umask)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            if not from_proc:
+                mp.setattr(ckpt_io, "PROC_STATUS", str(folder / "no-such-status-file"))
+            assert ckpt_io.current_umask() == umask
+            ckpt_io.atomic_write(folder / "metrics.json", "{}")
+        with open(folder / "reference", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    expected = os.stat(folder / "reference").st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert os.stat(folder / "metrics.json").st_mode & 0o777 == expected
+    assert (folder / "metrics.json").read_text() == "{}"
 
 
 # ------------------------------------------------------------------------ case 17: disk full

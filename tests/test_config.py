@@ -4,6 +4,7 @@ problem is reported at once, by key path, before any image is read or anything i
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -11,8 +12,15 @@ import time
 import tomllib
 from pathlib import Path
 
+import contextlib
+import io
+import typing
+
+import annotated_types
 import pytest
 import tomli_w
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
 
 from imgcls import config, run
 from imgcls.errors import ConfigError
@@ -209,6 +217,91 @@ def test_cross_field_problems_are_listed_one_per_line():
     assert [p.split(" ")[0] for p in found] == ["data.image_size", "early_stopping.monitor"]
 
 
+# ------------------------------------------------------- memory bounded by the configuration
+
+# Each integer field that sizes memory: (class, field) -> (its key path, an experiment holding value v, its bound).
+BOUNDED = {
+    ("Experiment", "seed"): ("seed", lambda v: dict(MINIMAL, seed=v), config.MAX_SEED),
+    **{
+        ("DataConfig", field): (f"data.{field}", lambda v, f=field: dict(MINIMAL, data=MINIMAL["data"] | {f: v}), bound)
+        for field, bound in (
+            ("image_size", config.MAX_IMAGE_SIZE),
+            ("resize_size", config.MAX_RESIZE_SIZE),
+            ("batch_size", config.MAX_BATCH_SIZE),
+            ("eval_batch_size", config.MAX_BATCH_SIZE),
+            ("num_workers", config.MAX_WORKERS),
+        )
+    },
+    **{
+        (cls, field): (f"augment[0].{field}", lambda v, op=op, f=field: dict(MINIMAL, augment=[{"op": op, f: v}]), bound)
+        for cls, op, field, bound in (
+            ("RandomCrop", "random_crop", "padding", config.MAX_IMAGE_SIZE),
+            ("Resize", "resize", "size", config.MAX_RESIZE_SIZE),
+            ("TrivialAugment", "trivial_augment", "num_magnitude_bins", config.MAX_MAGNITUDE_BINS),
+            ("RandAugment", "rand_augment", "num_ops", config.MAX_NUM_OPS),
+            ("RandAugment", "rand_augment", "magnitude", 30),
+        )
+    },
+    ("ScratchCNN", "channels"): (
+        "model.channels[1]", lambda v: dict(MINIMAL, model={"arch": "scratch_cnn", "channels": [8, v]}), config.MAX_CHANNELS
+    ),
+    ("ScratchCNN", "hidden"): ("model.hidden", lambda v: dict(MINIMAL, model={"arch": "scratch_cnn", "hidden": v}), config.MAX_HIDDEN),
+}
+# Counts of epochs cost time, not memory; a blur kernel is bounded by the side it blurs.
+UNBOUNDED = {("TrainConfig", "epochs"), ("StepLR", "step_size"), ("PlateauLR", "patience"), ("EarlyStopping", "patience"),
+             ("GaussianBlur", "kernel_size")}
+
+
+def integer_fields() -> dict[tuple[str, str], int | None]:
+    """Every integer field of the schema (lists of integers too) and its upper bound, if any."""
+    found, todo, seen = {}, [config.Experiment], set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            stack = [field.annotation]
+            bounds = [m.le for m in field.metadata if isinstance(m, annotated_types.Le)]
+            while stack:
+                t = stack.pop()
+                if typing.get_origin(t) is typing.Annotated:
+                    inner, *meta = typing.get_args(t)
+                    bounds += [m.le for fi in meta for m in getattr(fi, "metadata", [fi]) if isinstance(m, annotated_types.Le)]
+                    stack.append(inner)
+                elif isinstance(t, type) and issubclass(t, config.Section):
+                    todo.append(t)
+                elif t is int:
+                    found[(model.__name__, name)] = min(bounds, default=None)
+                else:
+                    stack += typing.get_args(t)
+    return found
+
+
+def test_every_integer_that_sizes_memory_has_an_upper_bound_in_the_schema():
+    fields = integer_fields()
+    assert {k for k, bound in fields.items() if bound is None} == UNBOUNDED
+    assert {k: bound for k, bound in fields.items() if bound is not None} == {k: b for k, (_, _, b) in BOUNDED.items()}
+
+
+@given(field=st.sampled_from(sorted(BOUNDED)), excess=st.integers(1, 2**70))
+@example(field=("DataConfig", "resize_size"), excess=1)
+@example(field=("Experiment", "seed"), excess=1)  # 2**32: NumPy's seeding raised a traceback in the run
+def test_a_size_past_its_bound_is_refused_when_the_file_is_checked_and_the_bound_itself_is_accepted(
+    tmp_path_factory, field, excess
+):
+    """`python -m imgcls.config` refuses an experiment that cannot fit, naming the key, before any image
+    or file is touched; the largest accepted value validates."""
+    key, tree, bound = BOUNDED[field]
+    config.validate(tree(bound))
+    path = tmp_path_factory.mktemp("bounds") / "exp.toml"
+    path.write_text(tomli_w.dumps(tree(bound + excess)))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert config.main([str(path)]) == 2
+    assert f"  - {key}: Input should be less than or equal to {bound}" in err.getvalue(), err.getvalue()
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [
@@ -272,6 +365,121 @@ def test_command_line_reports_config_errors_with_exit_code_2_and_no_traceback(tm
         for needle in cases[name][1]:
             assert needle in err, (name, needle, err)
     assert snapshot(tmp_path) == before  # nothing written: no run directory, no result file
+
+
+# ----------------------------------------------------------------------------- ~ means home
+
+# Every path the experiment names, as (key path, experiment holding value v).
+PATH_KEYS = {
+    "data.train_dir": lambda v: dict(MINIMAL, data={"train_dir": v, "val_dir": "b"}),
+    "data.val_dir": lambda v: dict(MINIMAL, data={"train_dir": "a", "val_dir": v}),
+    "data.test_dir": lambda v: dict(MINIMAL, data={"train_dir": "a", "val_dir": "b", "test_dir": v}),
+    "output.root": lambda v: dict(MINIMAL, output={"root": v}),
+    "model.weights": lambda v: dict(MINIMAL, model={"arch": "resnet18", "weights": v}),
+}
+path_parts = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=["Cs"]), min_size=1, max_size=10)
+
+
+@given(key=st.sampled_from(sorted(PATH_KEYS)), parts=st.lists(path_parts, max_size=3), by_name=st.booleans())
+@example(key="output.root", parts=[], by_name=False)  # "~": a folder literally named ~ appeared in the working directory
+@example(key="data.train_dir", parts=["~", "x"], by_name=True)  # only a leading ~ is home
+def test_a_leading_tilde_is_home_and_the_resolved_experiment_records_the_real_path(tmp_path_factory, key, parts, by_name):
+    """`~/x` is $HOME/x and `~user/x` that user's home, as in the shell; the resolved experiment (and so
+    config.toml, and a resume's comparison) holds the real path, which round-trips."""
+    home = str(tmp_path_factory.mktemp("home"))
+    me = pwd.getpwuid(os.getuid())
+    rest = "".join(f"/{p}" for p in parts)
+    value = f"~{me.pw_name}{rest}" if by_name else f"~{rest}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", home)
+        exp = config.validate(PATH_KEYS[key](value))
+    section, leaf = key.split(".")
+    assert tomllib.loads(config.to_toml(exp))[section][leaf] == (me.pw_dir if by_name else home) + rest
+    assert config.to_toml(config.loads(config.to_toml(exp))) == config.to_toml(exp)
+
+
+@given(key=st.sampled_from(sorted(PATH_KEYS)), user=st.from_regex(r"[a-z][a-z0-9_]{11,15}", fullmatch=True))
+@example(key="data.train_dir", user="nosuchuser_imgcls")
+def test_a_tilde_that_names_no_home_is_refused_naming_the_key(key, user):
+    try:
+        pwd.getpwnam(user)
+        assume(False)  # a real user: their home is fine
+    except KeyError:
+        pass
+    (p,) = problems(PATH_KEYS[key](f"~{user}/images"))
+    assert p.startswith(f"{key}: '~{user}' is no home folder"), p
+
+
+def test_a_run_with_tilde_paths_reads_and_writes_under_home_never_in_a_folder_named_tilde(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    make_data(home)
+    work = tmp_path / "work"
+    work.mkdir()
+    exp_path = experiment(work, {"data": {"train_dir": "~/data/train", "val_dir": "~/data/val"}, "train": {"epochs": 1},
+                                 "output": {"root": "~/runs"}})
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert run.main([str(exp_path), "--quiet"]) == 0
+    assert (home / "runs" / "tiny" / "metrics.json").is_file()
+    assert not any(p.name == "~" for p in tmp_path.rglob("*"))
+    saved = tomllib.loads((home / "runs" / "tiny" / "config.toml").read_text())
+    assert saved["data"]["train_dir"] == str(home / "data" / "train") and saved["output"]["root"] == str(home / "runs")
+
+
+# ---------------------------------------------------------------- an output that cannot be written
+
+folder_names = st.text(st.characters(whitelist_categories=["Ll", "Nd"], max_codepoint=127), min_size=1, max_size=6)
+
+
+@given(parts=st.lists(folder_names, min_size=1, max_size=3), blocked_at=st.none() | st.integers(0, 3))
+@example(parts=["runs"], blocked_at=0)  # output.root is a file
+@example(parts=["a", "b"], blocked_at=2)  # the run directory itself is a file
+def test_an_output_that_cannot_be_created_is_found_before_any_image_is_read(tmp_path_factory, parts, blocked_at):
+    """A file where output.root/<name> needs a folder is reported by the config check (naming
+    output.root and the file), and the run stops with it before decoding an image or writing a file."""
+    base = tmp_path_factory.mktemp("out")
+    make_data(base)
+    folders = [base.joinpath(*parts[: i + 1]) for i in range(len(parts))] + [base.joinpath(*parts, "tiny")]
+    blocker = folders[blocked_at] if blocked_at is not None and blocked_at < len(folders) else None
+    if blocker is not None:
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("a file, not a folder")
+    exp_path = experiment(base, {"data": {"train_dir": str(base / "data" / "train"), "val_dir": str(base / "data" / "val")},
+                                 "output": {"root": str(base.joinpath(*parts))}})
+    found = [p for p in config.path_problems(config.load(exp_path).model_dump(mode="json")) if p.startswith("output.root")]
+    if blocker is None:
+        assert found == []
+        return
+    assert found == [f"output.root: cannot create {str(folders[-1])!r}: {str(blocker)!r} is a file, not a folder"]
+    before = snapshot(base)
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setattr("imgcls.data.read", lambda *a, **k: pytest.fail("an image was read"))
+        mp.setattr("imgcls.data.decode", lambda *a, **k: pytest.fail("an image was read"))
+        assert run.main([str(exp_path), "--quiet"]) == 2
+    assert found[0] in err.getvalue()
+    assert snapshot(base) == before
+
+
+def test_an_output_folder_without_write_permission_is_found_before_any_image_is_read(tmp_path, monkeypatch, capsys):
+    """As any user but root, a folder without write permission; as root (who may write anywhere but
+    on a read-only file system) the same answer from os.access stands in."""
+    make_data(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
+    exp_path = experiment(tmp_path, {"output": {"root": str(locked / "runs")}})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("imgcls.data.read", lambda *a, **k: pytest.fail("an image was read"))
+    assert run.main([str(exp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"output.root: cannot write in {str(locked)!r} (permission denied or a read-only file system)" in err, err
+    assert config.main([str(exp_path)]) == 2
+    assert "output.root: cannot write in" in capsys.readouterr().err
+    locked.chmod(0o755)
 
 
 # ------------------------------------------------------------------------ the resolved experiment

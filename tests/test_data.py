@@ -15,14 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile
 
 from imgcls import checkpoint, config, data, evaluate, models, predict, run, rundir
 from imgcls.errors import DataError
 
-from .fixtures import CLASSES, bomb_png, experiment, image_array, make_cue_data, make_data, make_split, structured_image
+from .fixtures import (
+    CLASSES,
+    blank_png,
+    bomb_png,
+    experiment,
+    grey_tiff,
+    image_array,
+    make_cue_data,
+    make_data,
+    make_split,
+    structured_image,
+)
 
 
 def data_cfg(base, **overrides) -> config.DataConfig:
@@ -363,6 +375,162 @@ def test_animated_images_folders_named_like_images_and_broken_links_are_bad_file
     for path in listed:
         with pytest.raises(DataError, match=re.escape(f"{path}: {reasons[os.path.basename(path)]}")):
             data.decode(path, 16)
+
+
+# ------------------------------------------------------- images under extensions imgcls does not read
+
+stems = st.text(st.characters(whitelist_categories=["Ll", "Lu", "Nd"], max_codepoint=127), min_size=1, max_size=8)
+unlisted_extensions = st.one_of(
+    st.sampled_from([".jfif", ".JPG2", ".heic", ".jpe", ".avif", ".png~", ""]),
+    st.from_regex(r"\.[A-Za-z0-9]{1,5}", fullmatch=True),
+).filter(lambda ext: not ext.lower().endswith(data.IMAGE_EXTENSIONS))
+
+
+@given(files=st.lists(st.tuples(stems, unlisted_extensions), min_size=1, max_size=6, unique=True),
+       listed=st.sampled_from([None, *data.IMAGE_EXTENSIONS, ".JPG", ".Png"]))
+@example(files=[("photo", ".jfif"), ("scan", ".JPG2"), ("IMG_0001", ".heic"), ("noext", "")], listed=None)
+def test_a_class_of_images_under_unread_extensions_is_reported_with_what_was_skipped(tmp_path_factory, files, listed):
+    """A class folder whose files all have extensions imgcls does not read is an error saying how many
+    files of which extensions were skipped and which are read, in the preflight and in predict; one
+    file with a listed extension (in any case) makes the class readable."""
+    base = tmp_path_factory.mktemp("ext")
+    folder = base / "train" / "cat"
+    folder.mkdir(parents=True)
+    blob = png_bytes(image_array(0, 1))
+    for stem, ext in files:
+        (folder / f"{stem}{ext}").write_bytes(blob)
+    if listed is not None:
+        (folder / f"kept{listed}").write_bytes(blob)
+        assert data.scan_split("train", str(base / "train"), ["cat"]).paths == [str(folder / f"kept{listed}")]
+        assert predict.expand([str(folder)])[1] == []
+        return
+    with pytest.raises(DataError) as info:
+        data.scan_split("train", str(base / "train"), ["cat"])
+    message = str(info.value)
+    counts = Counter(ext or "no extension" for _, ext in files)
+    assert message.startswith(f"{folder}: class 'cat' of the train split holds no images, only {len(files)} file(s)")
+    for ext, n in counts.items():
+        assert f"{n} {ext}" in message, (ext, message)
+    assert " ".join(data.IMAGE_EXTENSIONS) in message
+    paths, errors = predict.expand([str(folder)])
+    assert paths == [] and errors == [f"{folder}: a folder holding no images" + message.split("holds no images", 1)[1]]
+
+
+# ------------------------------------------------------- memory bounded by the configuration
+
+
+class PixelsDecoded(Exception):
+    """Raised by a stand-in for PIL's load: the pixels of a file that should have been refused were read."""
+
+
+@given(short=st.integers(1, 64), long=st.integers(1, 70_000), wide=st.booleans(), resize_size=st.integers(8, 300))
+@example(short=1, long=60_000, wide=False, resize_size=256)  # the 258-byte PNG that cost 8.4 GB
+@example(short=1, long=10, wide=True, resize_size=8)  # exactly MAX_ASPECT: kept
+@example(short=2, long=21, wide=True, resize_size=8)  # 80 x 8 after resizing: kept
+@example(short=2, long=23, wide=True, resize_size=8)  # 92 x 8: refused
+def test_a_decoded_image_fits_the_bound_of_its_experiment_or_is_refused_before_its_pixels_are_read(
+    tmp_path_factory, short, long, wide, resize_size
+):
+    """Decoding resizes the shorter side to resize_size, so the cached image may hold at most
+    MAX_ASPECT * resize_size**2 pixels: a tiny file of extreme shape is refused from its header."""
+    path = str(tmp_path_factory.mktemp("shape") / "image.png")
+    width, height = (long, short) if wide else (short, long)
+    blank_png(path, width, height)
+    bound = data.MAX_ASPECT * resize_size**2
+    new_h, new_w = data.resized_shape(height, width, resize_size)
+    if new_h * new_w > bound:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ImageFile.ImageFile, "load", lambda self: (_ for _ in ()).throw(PixelsDecoded()))
+            with pytest.raises(DataError, match=re.escape(f"{path}: refused, {width}x{height} pixels is longer than")):
+                data.decode(path, resize_size)
+    else:
+        image = data.decode(path, resize_size)
+        assert image.shape == (3, new_h, new_w) and min(new_h, new_w) == resize_size
+        assert image.numel() <= 3 * bound
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_an_image_past_the_memory_bound_is_a_bad_image_of_the_preflight(tmp_path, policy):
+    """Refused like any unreadable file: listed with its reason, then the run stops or leaves it out."""
+    make_data(tmp_path)
+    strip = tmp_path / "data" / "train" / "cat" / "strip.png"
+    blank_png(strip, 60_000, 1)  # a few hundred bytes; 18 x 1.1 million pixels once resized
+    cfg = data_cfg(tmp_path, on_bad_image=policy)
+    if policy == "fail":
+        with pytest.raises(DataError, match=re.escape(f"{strip}: refused, 60000x1 pixels is longer than 10:1")):
+            data.prepare(cfg, progress=False)
+        return
+    found = data.prepare(cfg, progress=False)
+    assert str(strip) not in found.splits["train"].paths and len(found.splits["train"].paths) == 16
+    assert [b.split(":")[0] for b in found.report["bad_images"]] == [str(strip)]
+
+
+def test_a_100_megapixel_camera_jpeg_decodes_cheaply_at_reduced_scale(tmp_path):
+    """PIL's decompression-bomb guard counts the header's pixels; a JPEG is counted after draft
+    mode has shrunk it (1/8 here), so a large photo is neither refused nor decoded at full size."""
+    Image.new("L", (11648, 8736), 90).save(tmp_path / "camera.jpg", quality=30)  # 101.8 megapixels
+    decoded_sizes = []
+    load = ImageFile.ImageFile.load
+
+    def recording_load(self):
+        decoded_sizes.append(self.size)
+        return load(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ImageFile.ImageFile, "load", recording_load)
+        image = data.decode(str(tmp_path / "camera.jpg"), 64)
+    assert image.shape == (3, 64, 85) and abs(int(image[0, 32, 42]) - 90) <= 2
+    assert set(decoded_sizes) == {(1456, 1092)}  # 1/8 of each side: 1.6 megapixels decoded, not 102
+
+
+# ------------------------------------------------------------- 32-bit integer and float greyscale
+
+
+def expected_levels(values: np.ndarray) -> np.ndarray | None:
+    """The documented rule, restated: None where the file must be refused."""
+    v = values.astype(np.float64)
+    if not np.isfinite(v).all() or v.min() < 0:
+        return None
+    high = v.max()
+    if values.dtype.kind == "f" and high <= 1:
+        return np.rint(v * 255)
+    if high <= 255:
+        return np.rint(v)
+    if high <= 65535:
+        return np.floor(v / 256)
+    return np.rint(v * 255 / high)
+
+
+def greyscale_arrays():
+    """8 x (8..12) arrays of 32-bit unsigned, signed and float values over every range the rule tells apart."""
+    shapes = st.tuples(st.just(8), st.integers(8, 12))
+    bands = {
+        np.uint32: [st.integers(0, 255), st.integers(0, 65535), st.integers(0, 2**32 - 1)],
+        np.int32: [st.integers(0, 255), st.integers(-(2**31), 2**31 - 1)],
+        np.float32: [st.floats(0, 1, width=32), st.floats(0, 255, width=32), st.floats(0, 65535, width=32),
+                     st.floats(-10, 1e9, width=32), st.floats(width=32)],  # the last one: NaN and infinities too
+    }
+    return st.one_of([hnp.arrays(dtype, shapes, elements=band) for dtype, each in bands.items() for band in each])
+
+
+@given(values=greyscale_arrays())
+@example(values=np.tile(np.linspace(0, 1, 8, dtype=np.float32), (8, 1)))  # a float image in [0, 1]: was black
+@example(values=np.tile(np.linspace(0, 4e9, 8).astype(np.uint32), (8, 1)))  # up to 4e9: was saturated
+@example(values=np.full((8, 8), 200, dtype=np.int32))  # 8-bit levels in a 32-bit file: was black
+def test_32_bit_and_float_greyscale_is_mapped_by_its_range_or_refused(tmp_path_factory, values):
+    """A TIFF of mode "I" or "F" becomes 8-bit levels by the documented rule (`data.levels`), or is
+    refused naming the file; never clipped into black or white."""
+    path = str(tmp_path_factory.mktemp("grey") / "image.tif")
+    grey_tiff(path, values)
+    expected = expected_levels(values)
+    if expected is None:
+        with pytest.raises(DataError, match=re.escape(path) + ".*(negative|NaN or infinite)"):
+            data.decode(path, 8)
+        return
+    image = data.decode(path, 8)
+    assert image.shape == (3, *values.shape)
+    assert torch.equal(image[0], image[2])
+    assert np.abs(image[0].numpy().astype(np.int64) - expected).max() <= 1, (values, image[0])
 
 
 # ------------------------------------------------------------- loader workers and the batched path

@@ -7,8 +7,10 @@ inside functions count too, so a lazy import cannot hide an upward dependency.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,21 @@ def test_the_schema_errors_and_statistics_import_no_torch(modules):
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, check=True)
     assert out.stdout.strip() == "False"
+
+
+# Standard modules imgcls may import that are newer than 3.8, with the version that brought them.
+NEW_STDLIB = {"tomllib": (3, 11), "zoneinfo": (3, 9), "graphlib": (3, 9)}
+
+
+def test_the_declared_python_is_one_the_code_runs_on():
+    """pyproject's requires-python is true: every module parses at that version, every standard module
+    imported exists there, and no dependency is a backport for an older Python."""
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    low = tuple(int(v) for v in re.fullmatch(r">=(\d+)\.(\d+)", project["requires-python"]).groups())
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text(), feature_version=low)
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        for name in imported & set(NEW_STDLIB):
+            assert NEW_STDLIB[name] <= low, f"{path.name} imports {name} (Python {NEW_STDLIB[name]}), below {low}"
+    assert not [d for d in project["dependencies"] if "python_version" in d], "a backport for a Python below requires-python"

@@ -21,6 +21,7 @@ from imgcls import config, run, rundir
 from imgcls.errors import ConfigError, UserError
 from spec.strategies import experiments
 from imgcls.evaluate import load_for_inference, split_logits
+from imgcls.run import main as run_main
 
 from .fixtures import experiment, make_data, make_shapes_data, shapes_overrides
 
@@ -123,6 +124,24 @@ def test_predict_writes_csv(finished_run):
     assert row["path"] == str(image) and row["class1"] in ("circle", "square", "triangle")
 
 
+# Class folder names that once crashed a run after training, so that metrics.json was never written:
+# mathtext with an unknown command, bytes that are not UTF-8, a line break, one letter in two normalisations.
+HOSTILE_CLASSES = ("$\\undefinedcommand$", os.fsdecode(b"caf\xe9"), "line\nbreak", "e\u0301", "\u00e9")
+
+
+def test_a_run_whose_class_folders_have_hostile_names_writes_every_result(tmp_path, monkeypatch):
+    make_data(tmp_path, train=4, val=2, classes=HOSTILE_CLASSES)
+    monkeypatch.chdir(tmp_path)
+    exp_path = experiment(tmp_path, {"train": {"epochs": 1}})
+    assert run_main([str(exp_path), "--quiet"]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["classes"] == sorted(HOSTILE_CLASSES)  # exact, the non-UTF-8 byte included
+    for name in ("predictions_val.csv", "classification_report.txt", "history.csv"):
+        (run_dir / name).read_bytes().decode("utf-8")  # strict: valid UTF-8
+    Image.open(run_dir / "confusion_matrix_val.png").verify()
+
+
 def test_a_finished_run_is_never_overwritten(finished_run):
     root, exp, run_dir, _ = finished_run
     before = (run_dir / "metrics.json").read_bytes()
@@ -213,7 +232,7 @@ def runnable(drawn: dict) -> dict:
     return exp
 
 
-@settings(max_examples=int(os.environ.get("IMGCLS_FUZZ_EXAMPLES", 12)), deadline=None,
+@settings(max_examples=int(os.environ.get("IMGCLS_FUZZ_EXAMPLES", 8)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(drawn=experiments())
 def test_every_experiment_the_schema_accepts_runs_or_is_refused_cleanly(tmp_path_factory, drawn):
