@@ -715,8 +715,9 @@ def _unwritable(folder: Path) -> str | None:
 # ------------------------------------------------------------------------ comparing experiments
 
 # Keys that cannot change a run's numbers, so a resume may change them: workers only move work
-# around (augmentation is keyed by sample), and the root only says where the run directory lives.
-RESULT_NEUTRAL = frozenset({"data.num_workers", "output.root"})
+# around (augmentation is keyed by sample), the root only says where the run directory lives, and
+# the allocator only decides when freed memory goes back to the OS.
+RESULT_NEUTRAL = frozenset({"data.num_workers", "output.root", "train.allocator"})
 
 
 # Keys that decide what a trained model answers for an image: the network, the eval preprocessing
