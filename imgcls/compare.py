@@ -40,6 +40,11 @@ SPLITS = ("val", "test")
 NAME_ONLY = {"name"}
 # timings.json's machine facts that differ between any two starts by nature, so they tell nothing.
 ALWAYS_DIFFERENT = {"started"}
+# What the comparison reads of a run's JSON files: a hand-edited or foreign file lacking one is named.
+READ_KEYS = {
+    MANIFEST: ("data.splits", "code", "environment", "weights"),
+    "metrics.json": ("val.images", "val.loss", "val.accuracy", "val.macro_f1", "val.per_class"),
+}
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,14 @@ def load_run(path: str | Path) -> Run:
         raise UserError(f"{path}: not a finished run (no {', '.join(missing)}): {what}")
     try:
         exp = config.load(path / "config.toml")
-        manifest, metrics = (json.loads((path / n).read_text()) for n in (MANIFEST, "metrics.json"))
-        predictions = {s: _read_predictions(path / f"predictions_{s}.csv") for s in splits}
-    except (ValueError, KeyError, ConfigError) as e:
+    except ConfigError as e:
         raise UserError(f"{path}: damaged run file: {e}") from None
+    manifest, metrics = _json(path / MANIFEST), _json(path / "metrics.json")
+    lacking = [f"{name} has no {key}" for name, tree in ((MANIFEST, manifest), ("metrics.json", metrics))
+               for key in READ_KEYS[name] if _at(tree, key) is None]
+    if lacking:
+        raise UserError(f"{path}: damaged run file: {'; '.join(lacking)}")
+    predictions = {s: _read_predictions(path / f"predictions_{s}.csv") for s in splits}
     try:  # timings.json holds no result; a copied run may lack it, and then only its machine is unknown
         timings = json.loads((path / TIMINGS).read_text())["machine"]
         machine = {k: v for k, v in timings.items() if k not in ALWAYS_DIFFERENT}
@@ -105,9 +114,26 @@ def load_runs(paths: list[str]) -> list[Run]:
     return runs
 
 
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: damaged run file: {e}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: damaged run file: not a JSON object")
+    return tree
+
+
 def _read_predictions(path: Path) -> dict[str, Prediction]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return {row["path"]: Prediction(row["true"], row["predicted"]) for row in csv.DictReader(f)}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            lacking = {"path", "true", "predicted"} - set(reader.fieldnames or [])
+            if lacking:
+                raise UserError(f"{path}: damaged run file: no column {', '.join(sorted(lacking))}")
+            return {row["path"]: Prediction(row["true"], row["predicted"]) for row in reader}
+    except (OSError, ValueError, csv.Error) as e:
+        raise UserError(f"{path}: damaged run file: {e}") from None
 
 
 # ------------------------------------------------------------------------------ the comparison

@@ -264,6 +264,17 @@ def test_folders_that_are_not_finished_runs_are_all_named(runs, tmp_path, capsys
     assert "complete it with --resume" in err and "Traceback" not in err
 
 
+def test_damaged_run_files_are_named(runs, tmp_path, capsys):
+    emptied, cut = (shutil.copytree(runs["a"], tmp_path / name) for name in ("emptied", "cut"))
+    (emptied / "metrics.json").write_text("{}")
+    text = (cut / "manifest.json").read_text()
+    (cut / "manifest.json").write_text(text[: len(text) // 2])
+    assert compare.main([str(emptied), str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert f"{emptied}: damaged run file: metrics.json has no val.images; metrics.json has no val.loss" in err
+    assert f"{cut / 'manifest.json'}: damaged run file: " in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("given_runs", [[], ["one"]])
 def test_fewer_than_two_runs_is_an_error(given_runs, capsys):
     assert compare.main(given_runs) == 2
