@@ -364,8 +364,11 @@ def ranking(runs: list[Run]) -> Ranking:
 # `layout` turns a Comparison into sections of tables, lines and flipped-image galleries, all
 # cells plain text; the terminal and the HTML page each render that one layout.
 
-FLIPS_LISTED = 50  # per side of a pair, in the terminal and the page; --json lists every one
-THUMBNAILS = 48  # per side of a pair on the page
+# Flipped images shown per side of a pair (--json lists every one): a glance in the terminal, thumbnails
+# and then names on the page.
+FLIPS_IN_TERMINAL = 5
+THUMBNAILS = 48
+FLIPS_ON_PAGE = 500
 THUMB_SIDE = 96  # pixels, the longer side
 THUMB_MAX_BYTES = 64 * 2**20  # a larger file is named, not decoded for its thumbnail
 
@@ -432,12 +435,17 @@ def layout(c: Comparison) -> list[Section]:
 
 
 def _data_parts(d: DataDiff, labels: list[str]) -> list[tuple[str | None, Table | list[str]]]:
-    counts = [[s.split, display_name(cls), *(str(n.get(cls, 0)) for n in s.class_counts)]
-              for s in d.splits for cls in dict.fromkeys(cls for n in s.class_counts for cls in n)]
+    # One column per split, or per split and run where the runs' images of that split differ.
+    columns = []
+    for s in d.splits:
+        same = len(set(s.digests)) == 1
+        columns += [(s.split, s.class_counts[0])] if same else [(f"{s.split} {x}", n) for x, n in zip(labels, s.class_counts)]
+    classes = dict.fromkeys(cls for _, n in columns for cls in n)
+    counts = [[display_name(cls), *(str(n.get(cls, 0)) for _, n in columns)] for cls in classes]
     same = [[s.split, "yes" if len(set(s.digests)) == 1 else "no", *(x[:12] if x else "-" for x in s.digests)] for s in d.splits]
     parts: list[tuple[str | None, Table | list[str]]] = [
-        ("images per class", Table(["split", "class", *labels], counts)),
         ("same images (split digests)", Table(["split", "same", *labels], same)),
+        ("images per class", Table(["class", *(heading for heading, _ in columns)], counts)),
     ]
     for i, changes in enumerate(d.changes, 1):
         lines = [f"{split}: {ch.kind} {display_name(ch.path)}" + _relabel(ch) for split, chs in changes.items() for ch in chs]
@@ -510,11 +518,11 @@ def _text_gallery(g: Gallery) -> str:
     lines = []
     for heading, flips in g.columns:
         lines.append(f"{heading} ({len(flips)}):")
-        rows = [[display_name(f.path), display_name(f.true), *(display_name(x) for x in f.predicted)] for f in flips[:FLIPS_LISTED]]
+        rows = [[display_name(f.path), display_name(f.true), *(display_name(x) for x in f.predicted)] for f in flips[:FLIPS_IN_TERMINAL]]
         if rows:
             lines += ["  " + line for line in _text_table(Table(["image", "true", *names], rows)).splitlines()]
-        if len(flips) > FLIPS_LISTED:
-            lines.append(f"  ... and {len(flips) - FLIPS_LISTED} more (--json lists every one)")
+        if len(flips) > FLIPS_IN_TERMINAL:
+            lines.append(f"  ... and {len(flips) - FLIPS_IN_TERMINAL} more (--json and --html list them)")
     return "\n".join(lines)
 
 
@@ -542,7 +550,9 @@ _CSS = (
     "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-variant-numeric:tabular-nums}"
     "th{background:#f2f2f2}h2{margin-top:1.5em;font-size:1.2em}h3{font-size:1em}"
     ".flips{display:flex;gap:2em;align-items:flex-start}.side{flex:1}.grid{display:flex;flex-wrap:wrap;gap:.5em}"
-    "figure{margin:0;width:9em;font-size:.8em;overflow-wrap:anywhere}figure img,.noimg{display:block;max-width:96px;max-height:96px}"
+    "figure{margin:0;width:9em;font-size:.8em;overflow-wrap:anywhere}"
+    # A tiny image (an 8x8 digit) is enlarged to the box without blurring; a photo is only shrunk.
+    "figure img{display:block;width:96px;height:96px;object-fit:contain;image-rendering:pixelated}"
     ".noimg{width:96px;height:60px;background:#eee;color:#777;text-align:center;padding-top:.5em}"
 )
 # The browser enforces what the page promises: no script runs, nothing is fetched, images are inline.
@@ -583,9 +593,9 @@ def _html_gallery(g: Gallery) -> str:
     sides = []
     for heading, flips in g.columns:
         figures = "".join(_figure(folder, f, names) for f in flips[:THUMBNAILS])
-        rest = flips[THUMBNAILS:FLIPS_LISTED]
+        rest = flips[THUMBNAILS:FLIPS_ON_PAGE]
         listed = ("<ul>" + "".join(f"<li>{_e(display_name(f.path))}</li>" for f in rest) + "</ul>") if rest else ""
-        more = f"<p>... and {len(flips) - FLIPS_LISTED} more (--json lists every one)</p>" if len(flips) > FLIPS_LISTED else ""
+        more = f"<p>... and {len(flips) - FLIPS_ON_PAGE} more (--json lists every one)</p>" if len(flips) > FLIPS_ON_PAGE else ""
         sides.append(f'<div class="side"><h4>{_e(heading)} ({len(flips)})</h4><div class="grid">{figures}</div>{listed}{more}</div>')
     return f'<div class="flips">{"".join(sides)}</div>'
 
