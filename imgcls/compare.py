@@ -40,11 +40,10 @@ SPLITS = ("val", "test")
 NAME_ONLY = {"name"}
 # timings.json's machine facts that differ between any two starts by nature, so they tell nothing.
 ALWAYS_DIFFERENT = {"started"}
-# What the comparison reads of a run's JSON files: a hand-edited or foreign file lacking one is named.
-READ_KEYS = {
-    MANIFEST: ("data.splits", "code", "environment", "weights"),
-    "metrics.json": ("val.images", "val.loss", "val.accuracy", "val.macro_f1", "val.per_class"),
-}
+# What the comparison reads of a run's JSON files (metrics of val, and of test where present): a
+# hand-edited or foreign file lacking one is named.
+MANIFEST_KEYS = ("data.splits", "code", "environment", "weights")
+METRIC_KEYS = ("images", "loss", "accuracy", "macro_f1", "per_class")
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,9 @@ def load_run(path: str | Path) -> Run:
     except ConfigError as e:
         raise UserError(f"{path}: damaged run file: {e}") from None
     manifest, metrics = _json(path / MANIFEST), _json(path / "metrics.json")
-    lacking = [f"{name} has no {key}" for name, tree in ((MANIFEST, manifest), ("metrics.json", metrics))
-               for key in READ_KEYS[name] if _at(tree, key) is None]
+    read = [(MANIFEST, manifest, key) for key in MANIFEST_KEYS]
+    read += [("metrics.json", metrics, f"{s}.{key}") for s in SPLITS if s == "val" or s in metrics for key in METRIC_KEYS]
+    lacking = [f"{name} has no {key}" for name, tree, key in read if _at(tree, key) is None]
     if lacking:
         raise UserError(f"{path}: damaged run file: {'; '.join(lacking)}")
     predictions = {s: _read_predictions(path / f"predictions_{s}.csv") for s in splits}
@@ -102,7 +102,9 @@ def load_run(path: str | Path) -> Run:
 def load_runs(paths: list[str]) -> list[Run]:
     """Every run, or one error naming every folder that is not a finished run."""
     if len(paths) < 2:
-        raise UserError(f"compare needs at least two run directories, got {len(paths)}: python -m imgcls.compare RUN_A RUN_B [...]")
+        raise UserError(
+            f"compare needs at least two run directories, got {len(paths)}: python -m imgcls.compare RUN_A RUN_B [...]"
+        )
     runs, problems = [], []
     for p in paths:
         try:
@@ -232,9 +234,9 @@ class Comparison:
         d = asdict(self)
         return {
             "runs": d["runs"], "labels": d["labels"],
-            "experiment": {"changes_results": d["changes_results"], "cannot_change_results": d["cannot_change_results"]},
+            "experiment": {k: d[k] for k in ("changes_results", "cannot_change_results")},
             "data": d["data"],
-            "environment": {"can_change_bits": d["can_change_bits"], "cannot_change_bits": d["cannot_change_bits"]},
+            "environment": {k: d[k] for k in ("can_change_bits", "cannot_change_bits")},
             "results": d["results"], "paired": d["paired"], "ranking": d["ranking"],
         }
 
@@ -321,7 +323,8 @@ def paired(a: Run, b: Run, runs: tuple[int, int], split: str) -> Paired:
     if None in digests or split not in a.predictions or split not in b.predictions:
         return Paired(runs, split, root, f"{split} was not evaluated in both runs")
     if digests[0] != digests[1]:
-        return Paired(runs, split, root, f"{split} images differ (split digests {digests[0][:12]} vs {digests[1][:12]}): no paired test")
+        why = f"{split} images differ (split digests {digests[0][:12]} vs {digests[1][:12]}): no paired test"
+        return Paired(runs, split, root, why)
     paths = list(a.predictions[split])
     if set(paths) != set(b.predictions[split]):  # equal digests, so only a hand-edited CSV gets here
         return Paired(runs, split, root, f"{split}: the predictions files list different images: no paired test")
@@ -354,7 +357,8 @@ def ranking(runs: list[Run]) -> Ranking:
     for r in runs:
         val = r.metrics["val"]
         wilson = _wilson(r, "val") or stats.accuracy_interval(round(val["accuracy"] * val["images"]), val["images"])
-        rows.append(RankRow(str(r.path), r.exp.train.select_best, val["loss"], val["accuracy"], wilson.low, wilson.high))
+        rows.append(RankRow(str(r.path), r.exp.train.select_best, val["loss"], val["accuracy"], wilson.low,
+                            wilson.high))
     rows.sort(key=(lambda row: row.val_loss) if metric == "val_loss" else (lambda row: -row.val_acc))
     return Ranking(metric, mixed, rows)
 
@@ -411,9 +415,9 @@ def _differences(keys: list[Difference], labels: list[str]) -> Table | list[str]
 
 def layout(c: Comparison) -> list[Section]:
     labels = [display_name(x) for x in c.labels]
-    runs = Table(["", "run", "folder"], [["baseline" if i == 0 else str(i), labels[i], display_name(p)] for i, p in enumerate(c.runs)])
+    folders = [["baseline" if i == 0 else str(i), labels[i], display_name(p)] for i, p in enumerate(c.runs)]
     sections = [
-        Section("runs", "runs", [(None, runs)]),
+        Section("runs", "runs", [(None, Table(["", "run", "folder"], folders))]),
         Section("experiment", "experiment", [
             ("changes results", _differences(c.changes_results, labels)),
             ("cannot change results", _differences(c.cannot_change_results, labels)),
@@ -438,26 +442,24 @@ def _data_parts(d: DataDiff, labels: list[str]) -> list[tuple[str | None, Table 
     # One column per split, or per split and run where the runs' images of that split differ.
     columns = []
     for s in d.splits:
-        same = len(set(s.digests)) == 1
-        columns += [(s.split, s.class_counts[0])] if same else [(f"{s.split} {x}", n) for x, n in zip(labels, s.class_counts)]
+        if len(set(s.digests)) == 1:
+            columns.append((s.split, s.class_counts[0]))
+        else:
+            columns += [(f"{s.split} {x}", n) for x, n in zip(labels, s.class_counts)]
     classes = dict.fromkeys(cls for _, n in columns for cls in n)
     counts = [[display_name(cls), *(str(n.get(cls, 0)) for _, n in columns)] for cls in classes]
-    same = [[s.split, "yes" if len(set(s.digests)) == 1 else "no", *(x[:12] if x else "-" for x in s.digests)] for s in d.splits]
+    same = [[s.split, "yes" if len(set(s.digests)) == 1 else "no", *(x[:12] if x else "-" for x in s.digests)]
+            for s in d.splits]
     parts: list[tuple[str | None, Table | list[str]]] = [
         ("same images (split digests)", Table(["split", "same", *labels], same)),
         ("images per class", Table(["class", *(heading for heading, _ in columns)], counts)),
     ]
     for i, changes in enumerate(d.changes, 1):
-        lines = [f"{split}: {ch.kind} {display_name(ch.path)}" + _relabel(ch) for split, chs in changes.items() for ch in chs]
+        lines = [f"{split}: {display_name(str(ch))}" for split, chs in changes.items() for ch in chs]
         parts.append((f"files, {labels[0]} -> {labels[i]}", lines or ["the same files in every split"]))
     if d.weights:
         parts.append(("starting weights", _differences(d.weights, labels)))
     return parts
-
-
-def _relabel(ch: FileChange) -> str:
-    before, now = ch.classes
-    return f" (class {display_name(before)} -> {display_name(now)})" if ch.kind == "changed" and before != now else ""
 
 
 def _results_table(rows: list[MetricRow], labels: list[str]) -> Table:
@@ -483,19 +485,21 @@ def _paired_parts(c: Comparison, labels: list[str]) -> list[tuple[str | None, Ta
         d = p.accuracy_difference
         rows.append([p.split, pair, str(p.images), str(len(p.right_in_first_only)), str(len(p.right_in_second_only)),
                      f"{p.mcnemar_p:.4g}", f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"])
-        columns = [(f"right only in {first}", p.right_in_first_only), (f"right only in {second}", p.right_in_second_only)]
+        columns = [(f"right only in {first}", p.right_in_first_only),
+                   (f"right only in {second}", p.right_in_second_only)]
         if any(flips for _, flips in columns):
             galleries.append((f"flipped {p.split} images, {pair}", Gallery(p, columns, c.runs[p.runs[0]])))
     return [(None, Table(head, rows)), *galleries] if rows else [(None, ["no split to compare"])]
 
 
 def ranking_title(rank: Ranking) -> str:
-    return f"ranked by {rank.by}" + (" (the runs select by different metrics; the first run's is used)" if rank.mixed else "")
+    mixed = " (the runs select by different metrics; the first run's is used)" if rank.mixed else ""
+    return f"ranked by {rank.by}{mixed}"
 
 
 def _ranking_table(rank: Ranking) -> Table:
-    rows = [[str(i), display_name(r.run), r.select_best, _fmt(r.val_loss), _fmt(r.val_acc), f"[{r.low:.3f}, {r.high:.3f}]"]
-            for i, r in enumerate(rank.rows, 1)]
+    rows = [[str(i), display_name(r.run), r.select_best, _fmt(r.val_loss), _fmt(r.val_acc),
+             f"[{r.low:.3f}, {r.high:.3f}]"] for i, r in enumerate(rank.rows, 1)]
     return Table(["#", "run", "selects by", "val loss", "val acc", "val acc 95% (Wilson)"], rows)
 
 
@@ -518,7 +522,8 @@ def _text_gallery(g: Gallery) -> str:
     lines = []
     for heading, flips in g.columns:
         lines.append(f"{heading} ({len(flips)}):")
-        rows = [[display_name(f.path), display_name(f.true), *(display_name(x) for x in f.predicted)] for f in flips[:FLIPS_IN_TERMINAL]]
+        rows = [[display_name(f.path), display_name(f.true), *map(display_name, f.predicted)]
+                for f in flips[:FLIPS_IN_TERMINAL]]
         if rows:
             lines += ["  " + line for line in _text_table(Table(["image", "true", *names], rows)).splitlines()]
         if len(flips) > FLIPS_IN_TERMINAL:
@@ -595,16 +600,22 @@ def _html_gallery(g: Gallery) -> str:
         figures = "".join(_figure(folder, f, names) for f in flips[:THUMBNAILS])
         rest = flips[THUMBNAILS:FLIPS_ON_PAGE]
         listed = ("<ul>" + "".join(f"<li>{_e(display_name(f.path))}</li>" for f in rest) + "</ul>") if rest else ""
-        more = f"<p>... and {len(flips) - FLIPS_ON_PAGE} more (--json lists every one)</p>" if len(flips) > FLIPS_ON_PAGE else ""
-        sides.append(f'<div class="side"><h4>{_e(heading)} ({len(flips)})</h4><div class="grid">{figures}</div>{listed}{more}</div>')
+        left = len(flips) - FLIPS_ON_PAGE
+        more = f"<p>... and {left} more (--json lists every one)</p>" if left > 0 else ""
+        sides.append(f'<div class="side"><h4>{_e(heading)} ({len(flips)})</h4>'
+                     f'<div class="grid">{figures}</div>{listed}{more}</div>')
     return f'<div class="flips">{"".join(sides)}</div>'
 
 
 def _figure(folder: Path | None, f: Flip, names: list[str]) -> str:
     thumb, why = thumbnail(folder, f) if folder is not None else (None, "split folder not found")
-    picture = f'<img src="data:image/jpeg;base64,{thumb}" alt="{_e(display_name(f.path))}">' if thumb else f'<div class="noimg">{_e(why)}</div>'
+    name = _e(display_name(f.path))
+    if thumb:
+        picture = f'<img src="data:image/jpeg;base64,{thumb}" alt="{name}">'
+    else:
+        picture = f'<div class="noimg">{_e(why)}</div>'
     said = ", ".join(f"{n}: {display_name(p)}" for n, p in zip(names, f.predicted))
-    return f"<figure>{picture}<figcaption>{_e(display_name(f.path))}<br>true {_e(display_name(f.true))}<br>{_e(said)}</figcaption></figure>"
+    return f"<figure>{picture}<figcaption>{name}<br>true {_e(display_name(f.true))}<br>{_e(said)}</figcaption></figure>"
 
 
 def split_folder(root: str, run_dir: Path) -> Path | None:
@@ -643,7 +654,9 @@ def thumbnail(folder: Path, f: Flip) -> tuple[str | None, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imgcls.compare", description="Compare finished runs; the first is the baseline.")
+    parser = argparse.ArgumentParser(
+        prog="python -m imgcls.compare", description="Compare finished runs; the first is the baseline."
+    )
     parser.add_argument("runs", nargs="*", help="two or more run directories (<output.root>/<name>)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
