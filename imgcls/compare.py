@@ -388,8 +388,13 @@ class Gallery:
     """The flipped images of one paired comparison: one column per run, each the images only it got right."""
 
     pair: Paired
-    columns: list[tuple[str, list[Flip]]]  # (heading, images)
+    labels: tuple[str, str]  # of the two runs, as the columns name them
     run_dir: str  # the baseline's folder: a relative split root is looked for around it
+
+    def columns(self) -> list[tuple[str, list[Flip]]]:
+        """(heading, images) of each side."""
+        sides = (self.pair.right_in_first_only, self.pair.right_in_second_only)
+        return [(f"right only in {label}", flips or []) for label, flips in zip(self.labels, sides)]
 
 
 @dataclass(frozen=True)
@@ -485,10 +490,8 @@ def _paired_parts(c: Comparison, labels: list[str]) -> list[tuple[str | None, Ta
         d = p.accuracy_difference
         rows.append([p.split, pair, str(p.images), str(len(p.right_in_first_only)), str(len(p.right_in_second_only)),
                      f"{p.mcnemar_p:.4g}", f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"])
-        columns = [(f"right only in {first}", p.right_in_first_only),
-                   (f"right only in {second}", p.right_in_second_only)]
-        if any(flips for _, flips in columns):
-            galleries.append((f"flipped {p.split} images, {pair}", Gallery(p, columns, c.runs[p.runs[0]])))
+        if p.right_in_first_only or p.right_in_second_only:
+            galleries.append((f"flipped {p.split} images, {pair}", Gallery(p, (first, second), c.runs[p.runs[0]])))
     return [(None, Table(head, rows)), *galleries] if rows else [(None, ["no split to compare"])]
 
 
@@ -518,14 +521,13 @@ def _text_table(t: Table) -> str:
 
 
 def _text_gallery(g: Gallery) -> str:
-    names = [heading.removeprefix("right only in ") for heading, _ in g.columns]
     lines = []
-    for heading, flips in g.columns:
+    for heading, flips in g.columns():
         lines.append(f"{heading} ({len(flips)}):")
         rows = [[display_name(f.path), display_name(f.true), *map(display_name, f.predicted)]
                 for f in flips[:FLIPS_IN_TERMINAL]]
         if rows:
-            lines += ["  " + line for line in _text_table(Table(["image", "true", *names], rows)).splitlines()]
+            lines += ["  " + line for line in _text_table(Table(["image", "true", *g.labels], rows)).splitlines()]
         if len(flips) > FLIPS_IN_TERMINAL:
             lines.append(f"  ... and {len(flips) - FLIPS_IN_TERMINAL} more (--json and --html list them)")
     return "\n".join(lines)
@@ -594,10 +596,9 @@ def _html_part(part: Table | list[str] | Gallery) -> str:
 
 def _html_gallery(g: Gallery) -> str:
     folder = split_folder(g.pair.root, Path(g.run_dir)) if g.pair.root is not None else None
-    names = [heading.removeprefix("right only in ") for heading, _ in g.columns]
     sides = []
-    for heading, flips in g.columns:
-        figures = "".join(_figure(folder, f, names) for f in flips[:THUMBNAILS])
+    for heading, flips in g.columns():
+        figures = "".join(_figure(folder, f, g.labels) for f in flips[:THUMBNAILS])
         rest = flips[THUMBNAILS:FLIPS_ON_PAGE]
         listed = ("<ul>" + "".join(f"<li>{_e(display_name(f.path))}</li>" for f in rest) + "</ul>") if rest else ""
         left = len(flips) - FLIPS_ON_PAGE
@@ -607,14 +608,14 @@ def _html_gallery(g: Gallery) -> str:
     return f'<div class="flips">{"".join(sides)}</div>'
 
 
-def _figure(folder: Path | None, f: Flip, names: list[str]) -> str:
+def _figure(folder: Path | None, f: Flip, labels: tuple[str, str]) -> str:
     thumb, why = thumbnail(folder, f) if folder is not None else (None, "split folder not found")
     name = _e(display_name(f.path))
     if thumb:
         picture = f'<img src="data:image/jpeg;base64,{thumb}" alt="{name}">'
     else:
         picture = f'<div class="noimg">{_e(why)}</div>'
-    said = ", ".join(f"{n}: {display_name(p)}" for n, p in zip(names, f.predicted))
+    said = ", ".join(f"{n}: {display_name(p)}" for n, p in zip(labels, f.predicted))
     return f"<figure>{picture}<figcaption>{name}<br>true {_e(display_name(f.true))}<br>{_e(said)}</figcaption></figure>"
 
 
