@@ -54,7 +54,8 @@ class Contest:
         self.dataset = data.prepare(exp.data, progress=False)
         self.model = models.build(exp.model, 4, self.device, exp.train.channels_last)
         self.loaders = data.build_loaders(exp, self.dataset)
-        self.opt = train.build_optimization(exp, self.model, len(self.loaders["train"]))
+        self.opt = train.build_optimization(exp, self.model, len(self.loaders["train"]),
+                                            data.class_counts(self.dataset.splits["train"], self.dataset.classes))
         self.feed = train.Feed(self.model, self.model, data.inputs(exp, self.device), self.loaders, feature_cache=False)
         self.loss_fn = nn.CrossEntropyLoss()
         self.epoch = 0

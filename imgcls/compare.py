@@ -501,9 +501,9 @@ def ranking_title(rank: Ranking) -> str:
 
 
 def _ranking_table(rank: Ranking) -> Table:
-    rows = [[str(i), display_name(r.run), r.select_best, _fmt(r.val_loss), _fmt(r.val_acc),
-             f"[{r.low:.3f}, {r.high:.3f}]"] for i, r in enumerate(rank.rows, 1)]
-    return Table(["#", "run", "selects by", "val loss", "val acc", "val acc 95% (Wilson)"], rows)
+    rows = [[str(i), display_name(r.run), _fmt(r.val_loss), _fmt(r.val_acc), f"[{r.low:.3f}, {r.high:.3f}]"]
+            for i, r in enumerate(rank.rows, 1)]
+    return Table(["#", "run", "val loss", "val acc", "val acc 95% (Wilson)"], rows)
 
 
 def ranking_text(rank: Ranking) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import tomli_w
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from imgcls.errors import ConfigError, guarded
 
@@ -82,6 +82,9 @@ class NormalizeStats(Section):
     )
 
 
+Sampler = Literal["shuffle", "balanced"]
+
+
 class DataConfig(Section):
     train_dir: PathText = Field(description="training images: one sub-folder per class (ImageFolder); ~ is home")
     val_dir: PathText = Field(description="validation images, same layout; labelled with train's classes")
@@ -126,6 +129,12 @@ class DataConfig(Section):
     )
     label_conflicts: Literal["warn", "fail"] = Field(
         "warn", description="one photo (byte-identical or perceptually so) under two classes: warn, or fail the run"
+    )
+    sampler: Sampler = Field(
+        "shuffle",
+        description='how training batches are drawn: "shuffle" (each image once per epoch) or "balanced" (as many '
+        "draws as training images, with replacement, each class equally likely, each repeat augmented anew); "
+        "a pure function of (seed, epoch) either way. val/test are read in file order",
     )
 
     @model_validator(mode="after")
@@ -356,19 +365,37 @@ Optimizer = Annotated[Union[Adam, AdamW, SGD], Field(discriminator="name")]
 # ------------------------------------------------------------------------------------ scheduler
 
 
+# Warm-up, shared by every epoch-stepped scheduler (onecycle has its own: pct_start). As torch's
+# SequentialLR(LinearLR, schedule): the schedule proper counts its epochs from the end of the warm-up.
+WarmupEpochs = Annotated[
+    int,
+    Field(ge=0, description="epochs of linear warm-up from warmup_start_factor * lr to lr; the schedule proper "
+          "starts after them and counts its epochs from there (0: no warm-up; less than train.epochs)"),
+]
+WarmupStartFactor = Annotated[
+    float, Field(gt=0, le=1, description="fraction of the learning rate the warm-up's first epoch uses, in (0, 1]")
+]
+
+
 class NoScheduler(Section):
     name: Literal["none"]
+    warmup_epochs: WarmupEpochs = 0
+    warmup_start_factor: WarmupStartFactor = 0.1
 
 
 class StepLR(Section):
     name: Literal["step"]
     step_size: int = Field(10, ge=1, description="epochs between decays")
     gamma: float = Field(0.1, gt=0, le=1, description="factor applied to the learning rate at each decay")
+    warmup_epochs: WarmupEpochs = 0
+    warmup_start_factor: WarmupStartFactor = 0.1
 
 
 class CosineLR(Section):
     name: Literal["cosine"]
     eta_min: float = Field(0.0, ge=0, le=MAX_RATE, description="learning rate the cosine anneals towards, reached after the last epoch")
+    warmup_epochs: WarmupEpochs = 0
+    warmup_start_factor: WarmupStartFactor = 0.1
 
 
 class PlateauLR(Section):
@@ -377,12 +404,24 @@ class PlateauLR(Section):
     factor: float = Field(0.1, gt=0, lt=1, description="factor applied to the learning rate on a plateau")
     patience: int = Field(2, ge=0, description="epochs without improvement before decaying")
     min_lr: float = Field(0.0, ge=0, le=MAX_RATE, description="lower bound on the learning rate")
+    warmup_epochs: WarmupEpochs = 0
+    warmup_start_factor: WarmupStartFactor = 0.1
 
 
 class OneCycleLR(Section):
     name: Literal["onecycle"]
     max_lr: float = Field(gt=0, le=MAX_RATE, description="peak learning rate, reached after pct_start of all steps")
     pct_start: float = Field(0.3, gt=0, lt=1, description="fraction of the steps spent increasing the learning rate")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_warmup(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ({"warmup_epochs", "warmup_start_factor"} & data.keys()):
+            raise ValueError(
+                "onecycle warms up by itself (pct_start of the steps); remove warmup_epochs / warmup_start_factor "
+                "or pick another scheduler"
+            )
+        return data
 
 
 Scheduler = Annotated[
@@ -392,9 +431,24 @@ Scheduler = Annotated[
 # ------------------------------------------------------------------------------ train and output
 
 
+ClassWeight = Annotated[float, Field(gt=0, le=MAX_RATE)]  # scales the loss's gradient as lr scales the step
+# Tagged by the value's type, so a bad value gets one error (the branch it meant), not one per branch.
+ClassWeights = Annotated[
+    Union[Annotated[Literal["none", "balanced"], Tag("name")], Annotated[dict[str, ClassWeight], Tag("table")]],
+    Discriminator(lambda v: "table" if isinstance(v, dict) else "name"),
+]
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1, description="passes over the training set (fewer if early stopping fires)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="CrossEntropyLoss label smoothing")
+    class_weights: ClassWeights = Field(
+        "none",
+        description='weights of the training loss per class (weighted cross-entropy): "none"; "balanced" '
+        "(n_images / (n_classes * images of the class), from the training split, as scikit-learn); or a table "
+        "{ class name = weight > 0 }, classes not named weigh 1.0. A batch's loss is the weighted mean (torch's "
+        "CrossEntropyLoss(weight)); the validation loss stays unweighted",
+    )
     select_best: Literal["val_loss", "val_acc"] = Field(
         "val_loss", description="metric that picks the best checkpoint (must equal early_stopping.monitor)"
     )
@@ -463,6 +517,11 @@ class Experiment(Section):
             problems.append(
                 f"scheduler.eta_min = {self.scheduler.eta_min} is above optimizer.lr = {self.optimizer.lr}: "
                 "cosine annealing would raise the learning rate; set eta_min <= lr"
+            )
+        if not isinstance(self.scheduler, OneCycleLR) and self.scheduler.warmup_epochs >= self.train.epochs:
+            problems.append(
+                f"scheduler.warmup_epochs = {self.scheduler.warmup_epochs} must be less than train.epochs = "
+                f"{self.train.epochs}: the schedule needs at least one epoch after the warm-up"
             )
         problems += _augment_size_problems(self.augment, self.data)
         if problems:
@@ -587,13 +646,7 @@ def load(path: str | os.PathLike, *, check_paths: bool = False) -> Experiment:
     """Read and validate an experiment file. With check_paths, the folders and files it names are
     checked too (path_problems), and every problem of either kind comes in one report."""
     source = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ConfigError(source, [f"cannot read the experiment file: {e.strerror}"]) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(source, [f"not UTF-8 text (byte {e.start}); save the file as UTF-8"]) from None
-    data = _parse(text, source)
+    data = read(path)
     try:
         exp = validate(data, source)
     except ConfigError as e:
@@ -602,6 +655,18 @@ def load(path: str | os.PathLike, *, check_paths: bool = False) -> Experiment:
     if problems:
         raise ConfigError(source, problems)
     return exp
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """An experiment file's TOML tree, not yet validated (a sweep edits it first)."""
+    source = str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(source, [f"cannot read the experiment file: {e.strerror}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"not UTF-8 text (byte {e.start}); save the file as UTF-8"]) from None
+    return _parse(text, source)
 
 
 def loads(text: str, source: str = "<experiment>") -> Experiment:
@@ -683,6 +748,9 @@ def path_problems(tree: dict[str, Any]) -> list[str]:
                 f"data.{key}: class folder(s) {unknown} are not in data.train_dir's classes; labels follow "
                 "train's folders, so add them to train or remove them here"
             )
+    train = tree.get("train") if isinstance(tree.get("train"), dict) else {}
+    if isinstance(train.get("class_weights"), dict) and classes.get("train_dir"):
+        problems += class_weight_problems(train["class_weights"], classes["train_dir"])
     model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
     weights = model.get("weights")
     if isinstance(weights, str) and weights not in ("none", "imagenet", "") and not Path(os.path.expanduser(weights)).is_file():
@@ -696,6 +764,15 @@ def path_problems(tree: dict[str, Any]) -> list[str]:
         if problem:
             problems.append(f"output.root: {problem}")
     return problems
+
+
+def class_weight_problems(weights: dict[str, float], classes: list[str]) -> list[str]:
+    """Names in a train.class_weights table that are not training classes (folder names, case-sensitive)."""
+    return [
+        f"train.class_weights: {name!r} is not a training class; the classes are {classes}"
+        for name in weights
+        if name not in classes
+    ]
 
 
 def _unwritable(folder: Path) -> str | None:
@@ -802,6 +879,9 @@ def _key_path(loc: tuple) -> tuple[str, type[BaseModel] | None, list[str | int],
             annotation = typing.get_args(annotation)[0] if typing.get_args(annotation) else None
             continue
         members = _union_members(annotation)
+        if item in _member_tags(annotation):  # a Tag of a union discriminated by a function: not a TOML key
+            annotation = _member_tags(annotation)[item]
+            continue
         if members and not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             tagged = [m for m in members if _tag_of(m) == item]
             if tagged:  # a discriminator value: part of pydantic's loc, not of the TOML key
@@ -826,6 +906,17 @@ def _strip(annotation: Any) -> Any:
     while typing.get_origin(annotation) is Annotated:
         annotation = typing.get_args(annotation)[0]
     return annotation
+
+
+def _member_tags(annotation: Any) -> dict[str, Any]:
+    """{tag: member} for a union whose members carry pydantic Tags (e.g. train.class_weights)."""
+    if typing.get_origin(annotation) not in (Union, types.UnionType):
+        return {}
+    tags = {}
+    for member in typing.get_args(annotation):
+        if typing.get_origin(member) is Annotated:
+            tags |= {m.tag: _strip(member) for m in member.__metadata__ if isinstance(m, Tag)}
+    return tags
 
 
 def _union_members(annotation: Any) -> list[Any]:
@@ -885,6 +976,9 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(_type_name(m) for m in members)
     if typing.get_origin(annotation) is list:
         return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    if typing.get_origin(annotation) is dict:
+        key, value = typing.get_args(annotation)
+        return f"table of {_type_name(key)} = {_type_name(value)}"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "table"
     return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "absent")

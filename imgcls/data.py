@@ -16,7 +16,7 @@ import stat
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Literal
 
 import numpy as np
 import torch
@@ -493,7 +493,11 @@ def sample_uniforms(seed: int, epoch: int, indices: list[int], stream: int) -> t
 
 
 class ImageSet(Dataset):
-    """Items are keyed by (epoch, index) so a sample's randomness never depends on who loads it."""
+    """Items are keyed by (epoch, key) so a sample's randomness never depends on who loads it.
+
+    The key picks the randomness; key % len(self) picks the image (keys past the end are repeats
+    of an image within an epoch, see EpochBatches).
+    """
 
     def __init__(self, split: Split, images: list[torch.Tensor], transform: v2.Transform | BatchAugment, seed: int):
         self.split, self.images, self.transform, self.seed = split, images, transform, seed
@@ -507,14 +511,15 @@ class ImageSet(Dataset):
             return [self[key] for key in keys]
         epochs, indices = zip(*keys)
         assert len(set(epochs)) == 1, "a batch comes from one epoch"
-        batch = self.transform(torch.stack([self.images[i] for i in indices]), self.seed, epochs[0], list(indices))
-        return list(zip(batch.unbind(0), [self.split.labels[i] for i in indices]))
+        images = [i % len(self) for i in indices]
+        batch = self.transform(torch.stack([self.images[i] for i in images]), self.seed, epochs[0], list(indices))
+        return list(zip(batch.unbind(0), [self.split.labels[i] for i in images]))
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
-        image = self.images[index]
+        image = self.images[index % len(self)]
         if isinstance(self.transform, BatchAugment):
-            return self.transform(image[None], self.seed, epoch, [index])[0], self.split.labels[index]
+            return self.transform(image[None], self.seed, epoch, [index])[0], self.split.labels[index % len(self)]
         # Only the CPU generator (the one transforms v2 draw from) is seeded and restored:
         # torch.manual_seed also queues CUDA/XPU/MTIA seeding with a formatted stack trace each time,
         # which cost more than the augmentation itself.
@@ -524,7 +529,7 @@ class ImageSet(Dataset):
             image = self.transform(image)
         finally:
             torch.default_generator.set_state(outer)
-        return image, self.split.labels[index]
+        return image, self.split.labels[index % len(self)]
 
 
 class FeatureSet(Dataset):
@@ -537,46 +542,84 @@ class FeatureSet(Dataset):
         return len(self.split.labels)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        return self.features[key[1]], self.split.labels[key[1]]
+        index = key[1] % len(self)
+        return self.features[index], self.split.labels[index]
+
+
+# How a loader walks its split: val/test "in_order"; train by data.sampler.
+Order = Literal["in_order", "shuffle", "balanced"]
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
-    """Batches of (epoch, index) keys; the order is a pure function of (seed, epoch).
+    """Batches of (epoch, key) pairs; which images come, and in which order, is a pure function of (seed, epoch).
 
-    A trailing batch of one is dropped when shuffling: BatchNorm cannot train on a single image.
+    "in_order": every image once, in file order. "shuffle": every image once, permuted. "balanced": as
+    many draws as images, with replacement, an image's chance 1 / its class's count, so every class is
+    drawn equally often in expectation. The k-th draw of image i in an epoch has key i + k * n (the
+    datasets read image key % n), so a repeated image gets augmentation draws of its own.
+    A trailing batch of one is dropped unless in order: BatchNorm cannot train on a single image.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int):
-        self.n, self.batch_size, self.shuffle, self.seed, self.epoch = n, batch_size, shuffle, seed, 0
+    def __init__(self, labels: list[int], batch_size: int, order: Order, seed: int):
+        self.labels, self.n, self.batch_size, self.order = labels, len(labels), batch_size, order
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
-        return torch.randperm(self.n, generator=g).tolist()
+    def _keys(self) -> list[int]:
+        match self.order:
+            case "in_order":
+                return list(range(self.n))
+            case "shuffle":
+                g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+                return torch.randperm(self.n, generator=g).tolist()
+            case "balanced":  # stream -2: never the same draws as the permutation of the same epoch
+                return balanced_keys(self.labels, sample_seed(self.seed, self.epoch, -2))
+            case _:
+                assert_never(self.order)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = self._order()
+        keys = self._keys()
         for start in range(0, self.n, self.batch_size):
-            batch = order[start : start + self.batch_size]
-            if self.shuffle and len(batch) == 1 and self.n > 1:
+            batch = keys[start : start + self.batch_size]
+            if self.order != "in_order" and len(batch) == 1 and self.n > 1:
                 return
-            yield [(self.epoch, i) for i in batch]
+            yield [(self.epoch, k) for k in batch]
 
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
-        return full + (rest > 1 or (rest == 1 and (not self.shuffle or self.n == 1)))
+        return full + (rest > 1 or (rest == 1 and (self.order == "in_order" or self.n == 1)))
 
 
-def make_loader(dataset: ImageSet, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+def balanced_keys(labels: list[int], seed: int) -> list[int]:
+    """len(labels) draws with replacement, each class equally likely, then uniform within the class;
+    the k-th repeat of image i is key i + k * len(labels)."""
+    n, label_tensor = len(labels), torch.tensor(labels, dtype=torch.long)
+    chance = 1.0 / torch.bincount(label_tensor).double()[label_tensor]
+    draws = torch.multinomial(chance, n, replacement=True, generator=torch.Generator().manual_seed(seed))
+    repeats: Counter[int] = Counter()
+    keys = []
+    for i in draws.tolist():
+        keys.append(i + repeats[i] * n)
+        repeats[i] += 1
+    return keys
+
+
+def class_counts(split: Split, classes: list[str]) -> dict[str, int]:
+    """Images per class in label order: what "balanced" class weights are computed from."""
+    counts = Counter(split.labels)
+    return {name: counts[label] for label, name in enumerate(classes)}
+
+
+def make_loader(
+    dataset: ImageSet | FeatureSet, batch_size: int, order: Order, num_workers: int, seed: int
+) -> DataLoader:
     if num_workers > 0:
         runtime.share_batches_by_file()
     return DataLoader(
         dataset,
-        batch_sampler=EpochBatches(len(dataset), batch_size, shuffle, seed),
+        batch_sampler=EpochBatches(dataset.split.labels, batch_size, order, seed),
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),  # seeds worker base seeds; augmentation ignores them
         persistent_workers=num_workers > 0,
@@ -600,7 +643,8 @@ def split_loader(exp: C.Experiment, split: Split, images: list[torch.Tensor]) ->
     is_train = split.name == "train"
     transform = split_transform(exp.augment if is_train else [], exp.data.image_size, images)
     batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
-    return make_loader(ImageSet(split, images, transform, exp.seed), batch, is_train, exp.data.num_workers, exp.seed)
+    order = exp.data.sampler if is_train else "in_order"
+    return make_loader(ImageSet(split, images, transform, exp.seed), batch, order, exp.data.num_workers, exp.seed)
 
 
 def transform_paths(loaders: dict[str, DataLoader]) -> dict[str, str]:

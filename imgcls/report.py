@@ -32,7 +32,7 @@ from imgcls.checkpoint import atomic_write
 
 # No wall-clock column: identical runs write identical files (seconds go to timings.json).
 # `weights`: SHA-256 of the model's tensors after the epoch, so `verify` can name the first epoch that differs.
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "weights"]
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr", "weights"]
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -209,7 +209,7 @@ def _save(fig, path: Path) -> None:
 def summary_line(epoch: int, epochs: int, row: dict[str, float], seconds: float, is_best: bool) -> str:
     return (
         f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
-        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  lr {row['lr']:.2e}  "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} macro-F1 {row['val_macro_f1']:.3f}  lr {row['lr']:.2e}  "
         f"{seconds:.1f}s{'  *best' if is_best else ''}"
     )
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imgcls import checkpoint, config, data, evaluate, models, report, rundir, runtime, train
+from imgcls import checkpoint, config, data, evaluate, models, page, report, rundir, runtime, train
 from imgcls.errors import ConfigError, UserError, guarded
 from imgcls.rundir import BEST, LAST, RunDir, Timings
 
@@ -65,7 +65,8 @@ def setup(exp: config.Experiment, run_path: Path, resume: bool, progress: bool) 
     checkpoint.atomic_write(run_path / "config.toml", config.to_toml(exp))
 
     run_dir = RunDir(run_path, exp, dataset.classes)
-    opt = train.build_optimization(exp, model, len(loaders["train"]))
+    class_counts = data.class_counts(dataset.splits["train"], dataset.classes)
+    opt = train.build_optimization(exp, model, len(loaders["train"]), class_counts)
     state = train.LoopState(train.build_monitor(exp))
     if resume and (run_path / LAST).exists():
         state = run_dir.restore(model, opt, device)
@@ -129,6 +130,7 @@ def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[st
     checkpoint.atomic_write(path / "classification_report.txt", "\n".join(reports))
     report.write_history(path / "history.csv", state.history)  # again: a kill may have cut off the epoch's write
     report.plot_curves(path / "curves.png", state.history, state.monitor.best_epoch)
+    page.write_report(path, results)  # report.html, from the files above and the results
     report.write_json(path / "metrics.json", results)  # written last: its presence marks a finished run
     return results
 

@@ -47,19 +47,47 @@ class Schedule:
     monitor: str | None = None  # plateau: the metric passed to step()
 
 
+class WarmupPlateau:
+    """Linear warm-up, then ReduceLROnPlateau: torch's SequentialLR cannot chain a plateau scheduler
+    (its step takes a metric), so this steps the warm-up for the first `epochs` epochs and the plateau
+    scheduler after, which never sees a warm-up epoch's metric. Resumes through state_dict as torch's do."""
+
+    def __init__(self, warmup: lr_scheduler.LinearLR, plateau: lr_scheduler.ReduceLROnPlateau, epochs: int):
+        self.warmup, self.plateau, self.epochs, self.last_epoch = warmup, plateau, epochs, 0
+
+    def step(self, metric: float) -> None:
+        self.last_epoch += 1
+        if self.last_epoch <= self.epochs:
+            self.warmup.step()
+        else:
+            self.plateau.step(metric)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "warmup": self.warmup.state_dict(), "plateau": self.plateau.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_epoch = state["last_epoch"]
+        self.warmup.load_state_dict(state["warmup"])
+        self.plateau.load_state_dict(state["plateau"])
+
+
 def build_scheduler(cfg: C.Scheduler, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Schedule:
     match cfg:
         case C.NoScheduler():
-            return Schedule(lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), per_batch=False)
+            return _warmed_up(cfg, optimizer, lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
         case C.StepLR():
-            return Schedule(lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma), per_batch=False)
+            return _warmed_up(cfg, optimizer, lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma))
         case C.CosineLR():
-            return Schedule(lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.eta_min), per_batch=False)
+            # The cosine spans the epochs after the warm-up, so it still ends at eta_min after the last one.
+            cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - cfg.warmup_epochs, eta_min=cfg.eta_min)
+            return _warmed_up(cfg, optimizer, cosine)
         case C.PlateauLR():
             mode = "min" if cfg.monitor == "val_loss" else "max"
             plateau = lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr
             )
+            if cfg.warmup_epochs:
+                plateau = WarmupPlateau(_linear_warmup(cfg, optimizer), plateau, cfg.warmup_epochs)
             return Schedule(plateau, per_batch=False, monitor=cfg.monitor)
         case C.OneCycleLR():
             total = epochs * steps_per_epoch
@@ -81,6 +109,24 @@ def build_scheduler(cfg: C.Scheduler, optimizer: torch.optim.Optimizer, epochs: 
             assert_never(cfg)
 
 
+WarmedUp = C.NoScheduler | C.StepLR | C.CosineLR | C.PlateauLR
+
+
+def _linear_warmup(cfg: WarmedUp, optimizer: torch.optim.Optimizer) -> lr_scheduler.LinearLR:
+    """lr * (start + (1 - start) * epoch / warmup_epochs) for epoch < warmup_epochs, then lr."""
+    return lr_scheduler.LinearLR(optimizer, cfg.warmup_start_factor, 1.0, total_iters=cfg.warmup_epochs)
+
+
+def _warmed_up(cfg: WarmedUp, optimizer: torch.optim.Optimizer, main: lr_scheduler.LRScheduler) -> Schedule:
+    """`main` as is without warm-up (the checkpoint keeps its plain state), else after a LinearLR warm-up."""
+    if not cfg.warmup_epochs:
+        return Schedule(main, per_batch=False)
+    # SequentialLR resets the lr to initial_lr and replays the first scheduler's initial step, so the
+    # order the two were built in (each changes the optimizer's lr) does not matter.
+    sequence = lr_scheduler.SequentialLR(optimizer, [_linear_warmup(cfg, optimizer), main], milestones=[cfg.warmup_epochs])
+    return Schedule(sequence, per_batch=False)
+
+
 @dataclass
 class Optimization:
     """What one optimizer step needs besides the batch: the loss, the optimizer and its schedule."""
@@ -90,10 +136,39 @@ class Optimization:
     schedule: Schedule
 
 
-def build_optimization(exp: C.Experiment, model: nn.Module, steps_per_epoch: int) -> Optimization:
+def build_optimization(
+    exp: C.Experiment, model: nn.Module, steps_per_epoch: int, class_counts: dict[str, int]
+) -> Optimization:
+    """class_counts: training images per class, in label order (data.class_counts)."""
     optimizer = build_optimizer(exp.optimizer, model.parameters())
     schedule = build_scheduler(exp.scheduler, optimizer, exp.train.epochs, steps_per_epoch)
-    return Optimization(nn.CrossEntropyLoss(label_smoothing=exp.train.label_smoothing), optimizer, schedule)
+    weight = class_weights(exp.train.class_weights, class_counts)
+    if weight is not None:
+        weight = weight.to(next(model.parameters()).device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=exp.train.label_smoothing)
+    return Optimization(loss_fn, optimizer, schedule)
+
+
+def class_weights(cfg: C.ClassWeights, class_counts: dict[str, int]) -> torch.Tensor | None:
+    """One weight per class in label order, or None for plain cross-entropy.
+
+    "balanced" is scikit-learn's compute_class_weight("balanced"): n_samples / (n_classes * count).
+    A table names classes; an unknown name is refused here, where the classes are known, before training.
+    """
+    match cfg:
+        case "none":
+            return None
+        case "balanced":
+            counts = torch.tensor(list(class_counts.values()), dtype=torch.float64)
+            return (counts.sum() / (len(counts) * counts)).float()
+        case dict():
+            problems = C.class_weight_problems(cfg, list(class_counts))
+            if problems:
+                raise ConfigError("experiment", problems)
+            named = [cfg[name] if name in cfg else 1.0 for name in class_counts]  # unnamed classes weigh 1.0
+            return torch.tensor(named, dtype=torch.float32)
+        case _:
+            assert_never(cfg)
 
 
 # ---------------------------------------------------------------------------------------- feed
@@ -122,11 +197,12 @@ def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, D
         return Feed(model, model, inputs, loaders, feature_cache=False)
     cached = {}
     for split_name, loader in loaders.items():
-        in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, False, 0, exp.seed)
+        in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, "in_order", 0, exp.seed)
         features = cache_features(model.backbone, in_order, inputs)
         batch = exp.data.batch_size if split_name == "train" else exp.data.eval_batch_size
         features_set = data.FeatureSet(features, loader.dataset.split)
-        cached[split_name] = data.make_loader(features_set, batch, split_name == "train", 0, exp.seed)
+        order = exp.data.sampler if split_name == "train" else "in_order"
+        cached[split_name] = data.make_loader(features_set, batch, order, 0, exp.seed)
     to_device = runtime.Inputs(lambda features: features.to(device, non_blocking=True), device, inputs.precision)
     return Feed(model, model.head, to_device, cached, feature_cache=True)
 
@@ -269,5 +345,6 @@ def epoch_row(epoch: int, train: dict[str, float], val: dict[str, float], lr: fl
         "train_acc": train["train_acc"],
         "val_loss": val["loss"],
         "val_acc": val["accuracy"],
+        "val_macro_f1": val["macro_f1"],
         "lr": lr,
     }

@@ -173,16 +173,18 @@ OPTIMIZER_FIELDS: dict[type, dict[str, Any]] = {
     },
 }
 
+# Below the default train.epochs (10), so a drawn warm-up is rarely refused for outlasting the run.
+WARMUP_FIELDS = {"warmup_epochs": st.integers(0, 9), "warmup_start_factor": number(0, 1, exclude_lo=True)}
 SCHEDULER_FIELDS: dict[type, dict[str, Any]] = {
-    C.NoScheduler: {},
-    C.StepLR: {"step_size": st.integers(1, 100), "gamma": number(0, 1, exclude_lo=True)},
-    C.CosineLR: {"eta_min": number(0, 1e-3)},
+    C.NoScheduler: WARMUP_FIELDS,
+    C.StepLR: {"step_size": st.integers(1, 100), "gamma": number(0, 1, exclude_lo=True)} | WARMUP_FIELDS,
+    C.CosineLR: {"eta_min": number(0, 1e-3)} | WARMUP_FIELDS,
     C.PlateauLR: {
         "monitor": st.sampled_from(["val_loss", "val_acc"]),
         "factor": number(0, 1, exclude_lo=True, exclude_hi=True),
         "patience": st.integers(0, 20),
         "min_lr": number(0, inf=True),
-    },
+    } | WARMUP_FIELDS,
     C.OneCycleLR: {
         "max_lr": number(0, 10, exclude_lo=True),
         "pct_start": number(0, 1, exclude_lo=True, exclude_hi=True),
@@ -197,6 +199,9 @@ SECTION_FIELDS: dict[type, dict[str, Any]] = {
     C.TrainConfig: {
         "epochs": st.integers(1, 1000),
         "label_smoothing": number(0, 1, exclude_hi=True),
+        "class_weights": st.one_of(
+            st.sampled_from(["none", "balanced"]), st.dictionaries(texts, number(0, 1e3, exclude_lo=True), max_size=3)
+        ),
         "select_best": st.sampled_from(["val_loss", "val_acc"]),
         "channels_last": st.booleans(),
         "precision": st.sampled_from(["fp32", "bf16"]),
@@ -283,6 +288,7 @@ def _experiments(draw) -> dict[str, Any]:
         "on_bad_image": st.sampled_from(["fail", "skip"]),
         "leakage": st.sampled_from(["warn", "fail"]),
         "label_conflicts": st.sampled_from(["warn", "fail"]),
+        "sampler": st.sampled_from(["shuffle", "balanced"]),
     }
     for key, strategy in optional.items():
         if draw(st.booleans()):

@@ -9,6 +9,7 @@ formulas in PyTorch's documentation, not from its code.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from imgcls import config as C
-from imgcls import train
+from imgcls import checkpoint, train
 from imgcls.errors import ConfigError
 
 from .strategies import monitored_value, number, section
@@ -38,12 +39,21 @@ SCHEDULES = {
 }
 
 
+# Every scheduler but onecycle, which warms up by itself, takes a warm-up before it.
+WARMED = (C.NoScheduler, C.StepLR, C.CosineLR, C.PlateauLR)
+
+
 @st.composite
-def cases(draw, kinds=tuple(SCHEDULES)) -> dict:
-    epochs = draw(st.integers(1, 12))
+def cases(draw, kinds=tuple(SCHEDULES), warmup: bool = False) -> dict:
+    """A schedule and a run to step it through; with `warmup`, a warm-up of 1 .. epochs - 1 epochs
+    (the schema's bound) from a start factor a real experiment would use."""
+    epochs = draw(st.integers(2 if warmup else 1, 12))
     kind = draw(st.sampled_from(kinds))
+    table = draw(section(kind, SCHEDULES[kind]))
+    if warmup:
+        table |= {"warmup_epochs": draw(st.integers(1, epochs - 1)), "warmup_start_factor": draw(number(1e-6, 1))}
     return {
-        "cfg": kind.model_validate(draw(section(kind, SCHEDULES[kind]))),
+        "cfg": kind.model_validate(table),
         "lr": draw(number(1e-3, 1)),
         "epochs": epochs,
         "steps": draw(st.integers(1, 5)),
@@ -51,12 +61,25 @@ def cases(draw, kinds=tuple(SCHEDULES)) -> dict:
     }
 
 
-def observed_lrs(build, case: dict) -> list[float]:
-    """The learning rate of every optimizer step of a run, stepping the schedule as run.fit does."""
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=case["lr"])
-    schedule = build(case["cfg"], optimizer, case["epochs"], case["steps"])
+def observed_lrs(build, case: dict, resume_at: int | None = None) -> list[float]:
+    """The learning rate of every optimizer step of a run, stepping the schedule as run.fit does;
+    with resume_at, the optimizer and schedule are rebuilt before that epoch (from 0) and loaded
+    with the states a checkpoint stores (flattened, the skeleton through JSON), as a resume does."""
+
+    def fresh() -> tuple[torch.optim.Optimizer, train.Schedule]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=case["lr"])
+        return optimizer, build(case["cfg"], optimizer, case["epochs"], case["steps"])
+
+    optimizer, schedule = fresh()
     lrs = []
     for epoch in range(case["epochs"]):
+        if epoch == resume_at:
+            states = {"optimizer": optimizer.state_dict(), "scheduler": schedule.scheduler.state_dict()}
+            tensors, skeleton = checkpoint.flatten_state(states, "s")
+            states = checkpoint.unflatten_state(json.loads(json.dumps(skeleton)), tensors)
+            optimizer, schedule = fresh()
+            optimizer.load_state_dict(states["optimizer"])
+            schedule.scheduler.load_state_dict(states["scheduler"])
         for _ in range(case["steps"]):
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
@@ -91,17 +114,25 @@ def plateau_rule(cfg: C.PlateauLR, lr: float, metrics: list[dict]) -> list[float
 
 
 def closed_form(case: dict) -> list[float]:
-    """The learning rate of every optimizer step, and the value after the last epoch."""
+    """The learning rate of every optimizer step, and the value after the last epoch.
+
+    A warm-up of W epochs from factor s gives epoch e (from 0) lr * (s + (1 - s) * e / W) for e < W;
+    the schedule proper follows as if the run started at epoch W: its epoch e - W, over epochs - W
+    epochs, watching the metrics of epochs W + 1 onwards (torch's SequentialLR(LinearLR, ...)).
+    """
     cfg, lr, epochs, steps = case["cfg"], case["lr"], case["epochs"], case["steps"]
+    warm = 0 if isinstance(cfg, C.OneCycleLR) else cfg.warmup_epochs
+    per_epoch = [lr * (cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * e / warm) for e in range(warm)]
+    rest = epochs - warm
     match cfg:
         case C.NoScheduler():
-            per_epoch = [lr] * (epochs + 1)
+            per_epoch += [lr] * (rest + 1)
         case C.StepLR():
-            per_epoch = [lr * cfg.gamma ** (e // cfg.step_size) for e in range(epochs + 1)]
+            per_epoch += [lr * cfg.gamma ** (e // cfg.step_size) for e in range(rest + 1)]
         case C.CosineLR():
-            per_epoch = [cosine(lr, cfg.eta_min, e / epochs) for e in range(epochs + 1)]
+            per_epoch += [cosine(lr, cfg.eta_min, e / rest) for e in range(rest + 1)]
         case C.PlateauLR():
-            per_epoch = plateau_rule(cfg, lr, case["metrics"])
+            per_epoch += plateau_rule(cfg, lr, case["metrics"][warm:])
         case C.OneCycleLR():
             # Warm up from max_lr / 25 to max_lr over the first pct_start of the steps, then anneal to
             # max_lr / 25 / 1e4 at the last step; both halves are cosines.
@@ -162,6 +193,106 @@ def test_schedule_check_catches_wrong_stepping_and_modes():
     falsify(lambda c: check_schedule(per_epoch_onecycle, c), cases((C.OneCycleLR,)).filter(lambda c: c["steps"] > 1))
     falsify(lambda c: check_schedule(long_cosine, c), cases((C.CosineLR,)))
     falsify(lambda c: check_schedule(minimising_plateau, c), cases((C.PlateauLR,)))
+
+
+@given(cases(WARMED, warmup=True))
+@example(  # one warm-up epoch from lr / 10, then a cosine over the one epoch left: 0.01, 0.1, eta_min
+    {
+        "cfg": C.CosineLR(name="cosine", eta_min=0.0, warmup_epochs=1, warmup_start_factor=0.1),
+        "lr": 0.1,
+        "epochs": 2,
+        "steps": 1,
+        "metrics": [{"val_loss": 1.0, "val_acc": 0.0}] * 2,
+    }
+)
+def test_warmup_then_each_scheduler_matches_the_closed_form(case):
+    """A warm-up of W epochs rises linearly from warmup_start_factor * lr to lr: epoch e (from 0) uses
+    lr * (s + (1 - s) * e / W); then none, step, cosine or plateau runs as if the run started at epoch W
+    (step counts, cosine anneals over epochs - W, plateau watches only the epochs after the warm-up)."""
+    check_schedule(train.build_scheduler, case)
+
+
+def test_warmup_check_catches_other_ways_of_composing():
+    """Broken variants: a cosine over the whole run, warm-up multiplied into a step schedule that counts
+    from epoch 0 (timm's convention, not torch's SequentialLR), a plateau that also watches warm-up epochs,
+    and a warm-up that ignores its start factor."""
+    sched = torch.optim.lr_scheduler
+
+    def whole_run_cosine(cfg, optimizer, epochs, steps):
+        cosine_lr = sched.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.eta_min)
+        warmup = sched.LinearLR(optimizer, cfg.warmup_start_factor, total_iters=cfg.warmup_epochs)
+        return train.Schedule(sched.SequentialLR(optimizer, [warmup, cosine_lr], [cfg.warmup_epochs]), per_batch=False)
+
+    def chained_step(cfg, optimizer, epochs, steps):
+        warmup = sched.LinearLR(optimizer, cfg.warmup_start_factor, total_iters=cfg.warmup_epochs)
+        step = sched.StepLR(optimizer, cfg.step_size, cfg.gamma)
+        return train.Schedule(sched.ChainedScheduler([warmup, step]), per_batch=False)
+
+    class EagerPlateau(train.WarmupPlateau):
+        def step(self, metric):
+            super().step(metric)
+            if self.last_epoch <= self.epochs:
+                self.plateau.step(metric)
+
+    def eager_plateau(cfg, optimizer, epochs, steps):
+        schedule = train.build_scheduler(cfg, optimizer, epochs, steps)
+        inner = schedule.scheduler
+        schedule.scheduler = EagerPlateau(inner.warmup, inner.plateau, inner.epochs)
+        return schedule
+
+    def from_zero(cfg, optimizer, epochs, steps):
+        return train.build_scheduler(cfg.model_copy(update={"warmup_start_factor": 1e-6}), optimizer, epochs, steps)
+
+    falsify(lambda c: check_schedule(whole_run_cosine, c), cases((C.CosineLR,), warmup=True))
+    falsify(lambda c: check_schedule(chained_step, c), cases((C.StepLR,), warmup=True).filter(lambda c: c["cfg"].gamma < 1))
+    falsify(lambda c: check_schedule(eager_plateau, c), cases((C.PlateauLR,), warmup=True))
+    falsify(lambda c: check_schedule(from_zero, c), cases(WARMED, warmup=True))
+
+
+def check_resume(build, case: dict, resume_at: int) -> None:
+    assert observed_lrs(build, case, resume_at) == observed_lrs(build, case)
+
+
+# A plateau that must decay right after its warm-up (the loss only worsens, patience 0), resumed inside the warm-up.
+WORSENING_PLATEAU = {
+    "cfg": C.PlateauLR(name="plateau", patience=0, factor=0.5, warmup_epochs=3, warmup_start_factor=0.25),
+    "lr": 0.1,
+    "epochs": 6,
+    "steps": 1,
+    "metrics": [{"val_loss": 1.0 + e / 8, "val_acc": 0.5} for e in range(6)],
+}
+
+
+@given(cases(warmup=False) | cases(WARMED, warmup=True), st.integers(0, 11))
+@example(WORSENING_PLATEAU, 2)
+def test_a_schedule_restored_from_a_checkpoint_continues_exactly(case, resume_at):
+    """A schedule saved after any epoch and loaded into a freshly built one (as --resume does) gives
+    the uninterrupted run's learning rates, bit for bit, warm-up or not."""
+    if isinstance(case["cfg"], C.OneCycleLR) and case["cfg"].pct_start * case["epochs"] * case["steps"] == 1:
+        return  # refused when built (see above)
+    check_resume(train.build_scheduler, case, min(resume_at, case["epochs"] - 1))
+
+
+def test_resume_check_catches_a_warmup_plateau_that_forgets_where_it_was():
+    """Broken variants: a plateau warm-up whose saved state loses its epoch count, or its warm-up's."""
+
+    def forgetting(key: str):
+        class Forgetful(train.WarmupPlateau):
+            def load_state_dict(self, state):
+                fresh = train.WarmupPlateau.state_dict(self)  # as built: epoch 0, warm-up not begun
+                super().load_state_dict(state | {key: fresh[key]})
+
+        def build(cfg, optimizer, epochs, steps):
+            schedule = train.build_scheduler(cfg, optimizer, epochs, steps)
+            inner = schedule.scheduler
+            schedule.scheduler = Forgetful(inner.warmup, inner.plateau, inner.epochs)
+            return schedule
+
+        return build
+
+    resumes = st.tuples(cases((C.PlateauLR,), warmup=True), st.integers(0, 11))
+    for key in ("last_epoch", "warmup"):
+        falsify(lambda c: check_resume(forgetting(key), c[0], min(c[1], c[0]["epochs"] - 1)), resumes)
 
 
 cosines = st.tuples(number(1e-4, 1), number(0, 1e-1), st.integers(1, 30))

@@ -204,11 +204,51 @@ def test_malformed_toml_gives_file_line_and_column(tmp_path, monkeypatch, capsys
         (with_("data.image_size", 4), "data.image_size"),
         (dict(MINIMAL, data={"train_dir": "a", "val_dir": "b", "image_size": 16}, model={"arch": "resnet18"}), "data.image_size"),
         (dict(MINIMAL, early_stopping={"monitor": "val_acc"}), "early_stopping.monitor"),
+        (with_("train.class_weights", "balance"), "train.class_weights"),
+        (with_("train.class_weights", 3), "train.class_weights"),
+        (with_("train.class_weights", {"cat": 0}), "train.class_weights.cat"),
+        (with_("train.class_weights", {"cat": True}), "train.class_weights.cat"),
+        (with_("data.sampler", "weighted"), "data.sampler"),
+        (dict(MINIMAL, scheduler={"name": "cosine", "warmup_start_factor": 0}), "scheduler.warmup_start_factor"),
+        (dict(MINIMAL, scheduler={"name": "step", "warmup_epochs": 10}), "scheduler.warmup_epochs"),
     ],
 )
 def test_impossible_values_are_refused(data, key):
     (p,) = problems(data)
     assert re.match(r"[\w.\[\]]+", p).group() == key
+
+
+@pytest.mark.parametrize("key", ["warmup_epochs", "warmup_start_factor"])
+def test_onecycle_refuses_a_warmup_key_and_says_it_has_its_own(key):
+    (p,) = problems(dict(MINIMAL, scheduler={"name": "onecycle", "max_lr": 0.1, key: 1}))
+    assert p.startswith("scheduler: onecycle warms up by itself (pct_start") and key in p, p
+
+
+def test_a_warmup_must_leave_an_epoch_of_the_schedule_proper():
+    config.validate(dict(MINIMAL, scheduler={"name": "plateau", "warmup_epochs": 2}, train={"epochs": 3}))
+    (p,) = problems(dict(MINIMAL, scheduler={"name": "plateau", "warmup_epochs": 3}, train={"epochs": 3}))
+    assert p.startswith("scheduler.warmup_epochs = 3 must be less than train.epochs = 3"), p
+
+
+def test_class_weights_naming_a_class_not_in_train_are_refused_before_any_image_is_read(tmp_path, monkeypatch, capsys):
+    """Each unknown name is reported with the key and the training classes, by the config check and
+    by a run, which stops before decoding an image or writing a file. Names are folder names, so
+    case counts; a table naming only real classes passes the check."""
+    make_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    exp_path = experiment(tmp_path, {"train": {"class_weights": {"cat": 2.0, "Dog": 1.5, "bird": 3.0}}})
+    wanted = [f"train.class_weights: {name!r} is not a training class; the classes are ['cat', 'dog']" for name in ("Dog", "bird")]
+    assert [p for p in config.path_problems(config.load(exp_path).model_dump(mode="json")) if "class_weights" in p] == wanted
+    monkeypatch.setattr("imgcls.data.read", lambda *a, **k: pytest.fail("an image was read"))
+    monkeypatch.setattr("imgcls.data.decode", lambda *a, **k: pytest.fail("an image was read"))
+    before = snapshot(tmp_path)
+    assert run.main([str(exp_path), "--quiet"]) == 2
+    assert config.main([str(exp_path)]) == 2
+    err = capsys.readouterr().err
+    assert all(err.count(line) == 2 for line in wanted) and "'cat' is not" not in err, err
+    assert snapshot(tmp_path) == before
+    fine = experiment(tmp_path, {"train": {"class_weights": {"dog": 1.5}}}, "fine.toml")
+    assert config.path_problems(config.load(fine).model_dump(mode="json")) == []
 
 
 def test_cross_field_problems_are_listed_one_per_line():
@@ -249,7 +289,8 @@ BOUNDED = {
 }
 # Counts of epochs cost time, not memory; a blur kernel is bounded by the side it blurs.
 UNBOUNDED = {("TrainConfig", "epochs"), ("StepLR", "step_size"), ("PlateauLR", "patience"), ("EarlyStopping", "patience"),
-             ("GaussianBlur", "kernel_size")}
+             ("GaussianBlur", "kernel_size"),
+             *((cls, "warmup_epochs") for cls in ("NoScheduler", "StepLR", "CosineLR", "PlateauLR"))}
 
 
 def integer_fields() -> dict[tuple[str, str], int | None]:

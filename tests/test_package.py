@@ -25,9 +25,9 @@ LAYERS = [
     {"data", "models", "report", "datasets"},
     {"train"},
     {"evaluate"},
-    {"predict", "rundir"},
+    {"predict", "rundir", "page"},
     {"run", "compare"},
-    {"sweep"},
+    {"verify", "sweep"},
 ]
 
 

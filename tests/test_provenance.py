@@ -51,9 +51,11 @@ def decoded(img: Image.Image, fmt: str, resize_size: int, **save_options) -> tor
 
 
 def resized_jpeg_copy_distance(rng: np.random.Generator) -> int:
-    """Bits between a generated image and its copy: 16..200 px a side, resized 0.5-2x with PIL,
-    saved as JPEG q60-95, both decoded by data.decode at one of the runs' usual sizes."""
-    height, width = rng.integers(16, 201, 2)
+    """Bits between a generated image and its copy: 16..200 px a side, at most 8:1 (decode refuses
+    past data.MAX_ASPECT, and the copy's rounding must not cross it), resized 0.5-2x with PIL, saved
+    as JPEG q60-95, both decoded by data.decode at one of the runs' usual sizes."""
+    height = int(rng.integers(16, 201))
+    width = int(rng.integers(max(16, -(-height // 8)), min(200, 8 * height) + 1))
     factor, quality = rng.uniform(0.5, 2.0), int(rng.integers(60, 96))
     resize_size = int(rng.choice([32, 64, 146, 256]))
     img = Image.fromarray(structured_image(int(rng.integers(2**32)), height, width))

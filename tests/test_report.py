@@ -185,3 +185,15 @@ def test_a_confusion_matrix_of_1000_classes_plots_in_seconds_into_a_bounded_png(
     with Image.open(path) as png:
         png.load()
         assert png.width <= side and png.height <= side, png.size
+
+
+# ------------------------------------------------------------------------------ per-epoch output
+
+
+def test_the_epoch_summary_and_history_show_val_macro_f1():
+    """Accuracy hides a class the model never predicts; macro-F1 beside it does not."""
+    row = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.9, "val_loss": 0.7, "val_acc": 0.8, "val_macro_f1": 0.456,
+           "lr": 0.01, "weights": "ab"}
+    line = report.summary_line(2, 5, row, 1.0, is_best=False)
+    assert "val loss 0.7000 acc 0.800 macro-F1 0.456  lr" in line, line
+    assert "val_macro_f1" in report.HISTORY_FIELDS

@@ -23,7 +23,7 @@ from spec.strategies import experiments
 from imgcls.evaluate import load_for_inference, split_logits
 from imgcls.run import main as run_main
 
-from .fixtures import experiment, make_data, make_shapes_data, shapes_overrides
+from .fixtures import CLASSES, experiment, make_data, make_shapes_data, shapes_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_run_directory_holds_every_result_file(finished_run):
     for name in (
         "config.toml", "metrics.json", "history.csv", "curves.png", "confusion_matrix_val.png",
         "confusion_matrix_test.png", "classification_report.txt", "best.safetensors", "last.safetensors",
-        "manifest.json", "preflight.json", "timings.json", "predictions_val.csv", "predictions_test.csv",
+        "manifest.json", "preflight.json", "timings.json", "predictions_val.csv", "predictions_test.csv", "report.html",
     ):
         assert (run_dir / name).is_file(), name
     for png in run_dir.glob("*.png"):
@@ -201,7 +201,7 @@ def test_two_runs_of_one_experiment_write_byte_identical_files(tmp_path, workers
         assert result.returncode == 0, result.stderr
         hashes.append(result_files(base / "runs" / "tiny"))
     assert {"best.safetensors", "last.safetensors", "config.toml", "metrics.json", "history.csv", "manifest.json",
-            "preflight.json", "predictions_val.csv", "predictions_test.csv"} <= hashes[0].keys()
+            "preflight.json", "predictions_val.csv", "predictions_test.csv", "report.html"} <= hashes[0].keys()
     assert hashes[0] == hashes[1]
 
 
@@ -209,8 +209,9 @@ def test_two_runs_of_one_experiment_write_byte_identical_files(tmp_path, workers
 
 
 def runnable(drawn: dict) -> dict:
-    """A drawn experiment shrunk to seconds: tiny images, batches, widths and one epoch, on the CPU,
-    with no weights to download. Every other value (seed, augment parameters, optimizer, schedule,
+    """A drawn experiment shrunk to seconds: tiny images, batches, widths and one epoch (two with a
+    warm-up, cut to one epoch), on the CPU, with no weights to download, and class weights renamed
+    to the tiny data's classes. Every other value (seed, augment parameters, optimizer, schedule,
     precision, ...) is kept as drawn: those are what must either run or be refused by the schema."""
     exp = copy.deepcopy(drawn)
     data = exp["data"]
@@ -228,7 +229,13 @@ def runnable(drawn: dict) -> dict:
         model["channels"] = [min(c, 8) for c in model.get("channels", [8, 8])][:3]
         model["hidden"] = min(model.get("hidden", 8), 16)
     exp["device"] = "cpu"
-    exp["train"] = exp.get("train", {}) | {"epochs": 1}
+    warmup = min(exp.get("scheduler", {}).get("warmup_epochs", 0), 1)
+    if warmup:
+        exp["scheduler"]["warmup_epochs"] = warmup
+    exp["train"] = exp.get("train", {}) | {"epochs": 1 + warmup}  # a warm-up must leave one epoch after it
+    weights = exp["train"].get("class_weights")
+    if isinstance(weights, dict):  # the drawn weights, on the tiny data's class names
+        exp["train"]["class_weights"] = dict(zip(CLASSES, weights.values()))
     return exp
 
 
