@@ -13,11 +13,9 @@ page are three renderings of it, so they cannot disagree.
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import hashlib
 import html
-import io
 import json
 import sys
 from collections import Counter
@@ -26,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from imgcls import config, stats
+from imgcls import config, page, stats
 from imgcls.checkpoint import atomic_write
 from imgcls.errors import ConfigError, UserError, guarded
 from imgcls.report import display_name, text_safe
@@ -373,7 +370,6 @@ def ranking(runs: list[Run]) -> Ranking:
 FLIPS_IN_TERMINAL = 5
 THUMBNAILS = 48
 FLIPS_ON_PAGE = 500
-THUMB_SIDE = 96  # pixels, the longer side
 THUMB_MAX_BYTES = 64 * 2**20  # a larger file is named, not decoded for its thumbnail
 
 
@@ -595,7 +591,7 @@ def _html_part(part: Table | list[str] | Gallery) -> str:
 
 
 def _html_gallery(g: Gallery) -> str:
-    folder = split_folder(g.pair.root, Path(g.run_dir)) if g.pair.root is not None else None
+    folder = page.split_folder(g.pair.root, Path(g.run_dir)) if g.pair.root is not None else None
     sides = []
     for heading, flips in g.columns():
         figures = "".join(_figure(folder, f, g.labels) for f in flips[:THUMBNAILS])
@@ -619,36 +615,20 @@ def _figure(folder: Path | None, f: Flip, labels: tuple[str, str]) -> str:
     return f"<figure>{picture}<figcaption>{name}<br>true {_e(display_name(f.true))}<br>{_e(said)}</figcaption></figure>"
 
 
-def split_folder(root: str, run_dir: Path) -> Path | None:
-    """Where a split's files are now. A relative root started where the run was started, which no
-    file records: try here, then each folder above the run directory."""
-    if Path(root).is_absolute():
-        return Path(root) if Path(root).is_dir() else None
-    return next((base / root for base in (Path.cwd(), *run_dir.resolve().parents) if (base / root).is_dir()), None)
-
-
 def thumbnail(folder: Path, f: Flip) -> tuple[str | None, str]:
-    """(a base64 JPEG, upright, longer side THUMB_SIDE; or None and why), shown only if the file is
-    still the one the runs scored."""
+    """(page.thumbnail of a flipped image, or None and why): shown only if the file is still the one
+    the runs scored."""
     path = folder / f.path
     try:
         if path.stat().st_size > THUMB_MAX_BYTES:
             return None, "too large to show"
-        blob = path.read_bytes()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return None, "file not found"
-    if f.sha256 is not None and hashlib.sha256(blob).hexdigest() != f.sha256:
+    if f.sha256 is not None and digest != f.sha256:
         return None, "file changed since the runs"
-    try:
-        with Image.open(io.BytesIO(blob)) as img:
-            img.draft("RGB", (2 * THUMB_SIDE, 2 * THUMB_SIDE))  # a JPEG decodes at a fraction of its size
-            small = ImageOps.exif_transpose(img).convert("RGB")
-            small.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None, "cannot decode"
-    buf = io.BytesIO()
-    small.save(buf, format="JPEG", quality=85)
-    return base64.b64encode(buf.getvalue()).decode("ascii"), ""
+    thumb = page.thumbnail(path)
+    return (thumb, "") if thumb else (None, "cannot decode")
 
 
 # ---------------------------------------------------------------------------------- command line

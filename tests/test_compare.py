@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from imgcls import compare, config, run, stats
+from imgcls import compare, config, page, run, stats
 from imgcls.report import display_name
 from imgcls.rundir import FileChange
 
@@ -197,14 +197,14 @@ PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3",
 
 
 def test_json_parses_and_the_page_holds_every_section_and_thumbnail(runs, tmp_path):
-    page = tmp_path / "compare.html"
-    proc = cli("compare", str(runs["a"]), str(runs["b"]), str(runs["c"]), "--json", "--html", str(page), cwd=tmp_path)
+    html_file = tmp_path / "compare.html"
+    proc = cli("compare", str(runs["a"]), str(runs["b"]), str(runs["c"]), "--json", "--html", str(html_file), cwd=tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     result = json.loads(out)
     assert [k["key"] for k in result["experiment"]["changes_results"]] == ["optimizer.lr"]
     assert len(result["ranking"]["rows"]) == 3
-    parsed = Page(page.read_text(encoding="utf-8"))
+    parsed = Page(html_file.read_text(encoding="utf-8"))
     assert parsed.sections == ["runs", "experiment", "data", "environment", "results", "paired", "ranking"]
     assert parsed.tags <= PAGE_TAGS and not any(a.startswith("on") for a in parsed.attributes)
     flips = sum(len(p["right_in_first_only"]) + len(p["right_in_second_only"]) for p in result["paired"] if p["reason"] is None)
@@ -216,7 +216,7 @@ def test_a_thumbnail_is_left_out_when_its_file_changed_since_the_runs(runs, tmp_
     result = compared(runs["a"], runs["b"])
     (paired,) = [p for p in result.paired if p.split == "val"]
     flip = (paired.right_in_first_only + paired.right_in_second_only)[0]
-    folder = compare.split_folder(paired.root, runs["a"])
+    folder = page.split_folder(paired.root, runs["a"])
     assert compare.thumbnail(folder, flip)[0] is not None
     copy = shutil.copytree(folder, tmp_path / "val")
     Image.fromarray(image_array(0, 555)).save(copy / flip.path)
@@ -242,13 +242,13 @@ def test_every_name_on_the_page_is_escaped(cls, path, label):
         results=[compare.MetricRow("val", "f1", cls, [1.0, 0.5], [0.0, -0.5], [None, None])],
         paired=[pair], ranking=None,
     )
-    page = compare.comparison_html(result)
-    page.encode("utf-8")  # a lone surrogate would fail here
-    parsed = Page(page)
+    html_text = compare.comparison_html(result)
+    html_text.encode("utf-8")  # a lone surrogate would fail here
+    parsed = Page(html_text)
     assert parsed.tags <= PAGE_TAGS and parsed.sections == ["runs", "experiment", "data", "environment", "results", "paired"]
-    text = "".join(parsed.text)
+    shown = "".join(parsed.text)
     for name in (cls, path, label):
-        assert display_name(name) in text
+        assert display_name(name) in shown
     assert display_name(path) in compare.comparison_text(result)
     json.dumps(result.to_json())
 
