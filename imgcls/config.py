@@ -812,9 +812,10 @@ def _unwritable(folder: Path) -> str | None:
 # ------------------------------------------------------------------------ comparing experiments
 
 # Keys that cannot change a run's numbers, so a resume may change them: workers only move work
-# around (augmentation is keyed by sample, the cache's bytes are fixed by the file list), and the
-# folders only say where the run directory and the decoded caches live.
-RESULT_NEUTRAL = frozenset({"data.num_workers", "data.decode_workers", "data.cache_dir", "output.root"})
+# around (augmentation is keyed by sample, the cache's bytes are fixed by the file list), the
+# folders only say where the run directory and the decoded caches live, and the allocator only
+# decides when freed memory goes back to the OS.
+RESULT_NEUTRAL = frozenset({"data.num_workers", "data.decode_workers", "data.cache_dir", "output.root", "train.allocator"})
 
 
 # Keys that decide what a trained model answers for an image: the network, the eval preprocessing
