@@ -21,6 +21,7 @@ from imgcls import compare, config, page, run, stats
 from imgcls.report import display_name
 from imgcls.rundir import FileChange
 
+from . import browser
 from .fixtures import CLASSES, cli, experiment, image_array, make_data
 
 VAL = 12  # val images per class: enough for two runs to disagree on some
@@ -279,3 +280,18 @@ def test_damaged_run_files_are_named(runs, tmp_path, capsys):
 def test_fewer_than_two_runs_is_an_error(given_runs, capsys):
     assert compare.main(given_runs) == 2
     assert f"compare needs at least two run directories, got {len(given_runs)}" in capsys.readouterr().err
+
+
+def test_the_comparison_page_opens_in_a_browser_with_every_section_and_thumbnail(runs, tmp_path):
+    """In headless Chromium: no console error (nothing fetched), every flipped image's thumbnail
+    decoded, every section there; a screenshot is kept beside the page."""
+    html_file = tmp_path / "compare.html"
+    proc = cli("compare", str(runs["a"]), str(runs["b"]), "--html", str(html_file), cwd=tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    shown = browser.open_page(html_file, tmp_path / "compare.png")
+    assert shown.console_errors == []
+    assert shown.broken_images == []
+    assert {"runs", "experiment", "data", "environment", "results", "paired"} <= shown.section_ids
+    assert "optimizer.lr" in shown.text
+    assert html_file.read_text(encoding="utf-8").count("<img") > 0
