@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             f"NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f}  ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}\n"
             f"wrote {args.run_dir / calibration.FILE} for {cal.checkpoint}"
         )
+        if not calibration.T_RANGE[0] * 1.01 < cal.temperature < calibration.T_RANGE[1] / 1.01:
+            print(
+                f"warning: T is at the end of the search range {calibration.T_RANGE}: the NLL kept falling towards it "
+                "(a val split the model separates perfectly wants T -> 0); more val images give a meaningful temperature",
+                file=sys.stderr,
+            )
         return 0
 
     return guarded(go)

@@ -32,7 +32,8 @@ BINS = 15
 EDGES = tuple(i / BINS for i in range(BINS + 1))
 FILE = "calibration.json"
 # T is searched in [1/100, 100]: beyond it the probabilities are one-hot or uniform to float precision.
-LOG_T_RANGE = (math.log(1e-2), math.log(1e2))
+T_RANGE = (1e-2, 1e2)
+LOG_T_RANGE = (math.log(T_RANGE[0]), math.log(T_RANGE[1]))
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -205,6 +205,8 @@ def _confusion(run_dir: Path, metrics: dict[str, Any]) -> str:
 
 
 def _calibration(run_dir: Path, metrics: dict[str, Any]) -> str:
+    if "tta" not in metrics:  # metrics.json of an imgcls that did not yet measure calibration
+        return '<p class="warn">This run recorded no calibration (no ECE in metrics.json).</p>'
     parts = [
         f"<div><h3>{split}: ECE {_num(metrics[split]['ece'])}</h3>"
         + _png(run_dir, f"reliability_{split}.png", f"reliability diagram on {split}") + "</div>"
