@@ -23,13 +23,14 @@ from spec.strategies import experiments
 from imgcls.evaluate import load_for_inference, split_logits
 from imgcls.run import main as run_main
 
-from .fixtures import CLASSES, experiment, make_data, make_shapes_data, shapes_overrides
+from .fixtures import CLASSES, cli_env, experiment, make_data, make_shapes_data, shapes_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def imgcls(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    # cli_env: this checkout's imgcls, not whichever one the environment has installed.
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=cli_env())
 
 
 @pytest.fixture(scope="module")
