@@ -492,6 +492,18 @@ class EarlyStopping(Section):
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
 
 
+Tta = Literal["none", "flip"]
+
+
+class EvaluateConfig(Section):
+    tta: Tta = Field(
+        "none",
+        description='test-time augmentation of the run\'s final val/test evaluation, evaluate and predict: "none" '
+        '(the centre crop); "flip" (the mean of the logits, not the probabilities, of the centre crop and its '
+        "horizontal mirror: two forward passes). Per-epoch validation never uses it",
+    )
+
+
 class OutputConfig(Section):
     root: PathText = Field("runs", description="folder that holds run directories (<root>/<name>); ~ is home")
 
@@ -515,6 +527,7 @@ class Experiment(Section):
     scheduler: Scheduler = Field({"name": "none"}, description="learning-rate schedule")
     train: TrainConfig = Field({}, description="training loop settings")
     early_stopping: EarlyStopping | None = Field(None, description="stop when the monitor stops improving; absent: run all epochs")
+    evaluate: EvaluateConfig = Field({}, description="how the trained model is evaluated and used")
     output: OutputConfig = Field({}, description="where results are written")
 
     @model_validator(mode="after")

@@ -111,16 +111,19 @@ def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[st
     feed.model.load_state_dict(checkpoint.load(path / BEST).model)  # feed.net shares these parameters
     results: dict[str, Any] = {"classes": classes}
     reports = []
+    net, loaders, inputs = feed.evaluation(exp.evaluate.tta)
     for split in ("val", "test"):
-        if split not in feed.loaders:
+        if split not in loaders:
             continue
-        logits, labels = evaluate.logits_of(feed.net, feed.loaders[split], feed.inputs)
+        logits, labels = evaluate.logits_of(net, loaders[split], inputs, exp.evaluate.tta)
         results[split] = evaluate.compute_metrics(logits, labels, classes)
-        images = feed.loaders[split].dataset.split
+        images = loaders[split].dataset.split
         report.write_predictions(path / f"predictions_{split}.csv", images.relative_paths(), logits, labels, classes)
         reports.append(f"== {split} ==\n{evaluate.text_report(logits, labels, classes)}")
         report.plot_confusion(path / f"confusion_matrix_{split}.png", results[split]["confusion_matrix"], classes, f"{exp.name}: {split}")
+        report.plot_reliability(path / f"reliability_{split}.png", logits.softmax(1), labels, f"{exp.name}: {split}")
     results |= {
+        "tta": exp.evaluate.tta,
         "best_epoch": state.monitor.best_epoch,
         "select_best": exp.train.select_best,
         "epochs_run": state.epoch,
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for split in ("val", "test"):
             if split in results:
                 m = results[split]
-                print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}")
+                print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  ECE {m['ece']:.4f}")
         print(f"best epoch {results['best_epoch']} of {results['epochs_run']}; results in {Path(exp.output.root) / exp.name}")
         return 0
 

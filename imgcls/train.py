@@ -187,6 +187,15 @@ class Feed:
     inputs: runtime.Inputs
     loaders: dict[str, DataLoader]
     feature_cache: bool
+    image_loaders: dict[str, DataLoader]  # the images behind `loaders`, whatever `net` eats
+    image_inputs: runtime.Inputs
+
+    def evaluation(self, tta: C.Tta) -> tuple[nn.Module, dict[str, DataLoader], runtime.Inputs]:
+        """What the final evaluation runs through: cached features are those of the unmirrored crop,
+        so a test-time augmentation takes the whole model on images."""
+        if self.feature_cache and tta != "none":
+            return self.model, self.image_loaders, self.image_inputs
+        return self.net, self.loaders, self.inputs
 
 
 def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, DataLoader], device: torch.device) -> Feed:
@@ -194,7 +203,7 @@ def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, D
     backbone's features computed once per split and fed to the head (same batches, same order)."""
     inputs = data.inputs(exp, device)
     if not feature_cache_applies(exp):
-        return Feed(model, model, inputs, loaders, feature_cache=False)
+        return Feed(model, model, inputs, loaders, False, loaders, inputs)
     cached = {}
     for split_name, loader in loaders.items():
         in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, "in_order", 0, exp.seed)
@@ -204,7 +213,7 @@ def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, D
         order = exp.data.sampler if split_name == "train" else "in_order"
         cached[split_name] = data.make_loader(features_set, batch, order, 0, exp.seed)
     to_device = runtime.Inputs(lambda features: features.to(device, non_blocking=True), device, inputs.precision)
-    return Feed(model, model.head, to_device, cached, feature_cache=True)
+    return Feed(model, model.head, to_device, cached, True, loaders, inputs)
 
 
 def feature_cache_applies(exp: C.Experiment) -> bool:

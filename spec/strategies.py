@@ -196,6 +196,7 @@ SECTION_FIELDS: dict[type, dict[str, Any]] = {
         "mean": st.lists(number(-2, 2), min_size=3, max_size=3),
         "std": st.lists(number(0, 2, exclude_lo=True), min_size=3, max_size=3),
     },
+    C.EvaluateConfig: {"tta": st.sampled_from(["none", "flip"])},
     C.TrainConfig: {
         "epochs": st.integers(1, 1000),
         "label_smoothing": number(0, 1, exclude_hi=True),
@@ -308,6 +309,7 @@ def _experiments(draw) -> dict[str, Any]:
         "scheduler": variant(SCHEDULER_FIELDS),
         "train": section(C.TrainConfig, SECTION_FIELDS[C.TrainConfig]),
         "early_stopping": section(C.EarlyStopping, SECTION_FIELDS[C.EarlyStopping]),
+        "evaluate": section(C.EvaluateConfig, SECTION_FIELDS[C.EvaluateConfig]),
         "output": section(C.OutputConfig, SECTION_FIELDS[C.OutputConfig]),
     }
     for key, strategy in optional_top.items():

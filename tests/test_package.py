@@ -22,11 +22,11 @@ LAYERS = [
     {"errors"},
     {"config", "stats"},
     {"runtime", "checkpoint", "provenance", "decoding"},
-    {"cache"},
+    {"cache", "calibration"},
     {"data", "models", "report", "datasets"},
     {"train"},
     {"evaluate"},
-    {"predict", "rundir", "page"},
+    {"predict", "rundir", "page", "calibrate"},
     {"run", "compare"},
     {"verify", "sweep"},
 ]

@@ -23,13 +23,14 @@ from spec.strategies import experiments
 from imgcls.evaluate import load_for_inference, split_logits
 from imgcls.run import main as run_main
 
-from .fixtures import CLASSES, experiment, make_data, make_shapes_data, shapes_overrides
+from .fixtures import CLASSES, cli_env, experiment, make_data, make_shapes_data, shapes_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def imgcls(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    # cli_env: this checkout's imgcls, not whichever one the environment has installed.
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=cli_env())
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_run_directory_holds_every_result_file(finished_run):
     _, _, run_dir, _ = finished_run
     for name in (
         "config.toml", "metrics.json", "history.csv", "curves.png", "confusion_matrix_val.png",
-        "confusion_matrix_test.png", "classification_report.txt", "best.safetensors", "last.safetensors",
+        "confusion_matrix_test.png", "reliability_val.png", "reliability_test.png", "classification_report.txt", "best.safetensors", "last.safetensors",
         "manifest.json", "preflight.json", "timings.json", "predictions_val.csv", "predictions_test.csv", "report.html",
     ):
         assert (run_dir / name).is_file(), name
@@ -97,6 +98,7 @@ def test_evaluate_cli_reproduces_the_runs_test_metrics(finished_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert json.loads(result.stdout)["confusion_matrix"] == metrics["test"]["confusion_matrix"]
     assert json.loads(result.stdout)["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-6)
+    assert json.loads(result.stdout)["ece"] == pytest.approx(metrics["test"]["ece"], rel=1e-6)
 
 
 def test_predict_top_class_matches_evaluate_for_each_image(finished_run):

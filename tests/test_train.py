@@ -72,6 +72,26 @@ def test_feature_cache_needs_a_deterministic_pipeline(tmp_path):
     assert not used
 
 
+def test_test_time_augmentation_runs_the_whole_model_on_images_where_features_are_cached(tmp_path):
+    """Cached features are those of the unmirrored crop: with tta = "flip" the run's final evaluation
+    takes the whole model over the images, the mean of the logits of each image and its mirror."""
+    make_cue_data(tmp_path, per_class=2)
+    exp = config.validate({
+        "name": "head", "device": "cpu", "model": FROZEN,
+        "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"), "image_size": 32},
+    })
+    cpu = torch.device("cpu")
+    dataset = data.prepare(exp.data, progress=False)
+    model = models.build(exp.model, len(dataset.classes), cpu, exp.train.channels_last)
+    feed = train.build_feed(exp, model, data.build_loaders(exp, dataset), cpu)
+    assert feed.feature_cache and feed.evaluation("none") == (feed.net, feed.loaders, feed.inputs)
+    net, loaders, inputs = feed.evaluation("flip")
+    logits, _ = evaluate.logits_of(net, loaders["val"], inputs, "flip")
+    images = torch.cat([x for x, _ in feed.image_loaders["val"]])
+    by_hand = evaluate.forward(model, images, feed.image_inputs) + evaluate.forward(model, images.flip(-1), feed.image_inputs)
+    torch.testing.assert_close(logits, by_hand / 2, rtol=1e-4, atol=1e-5)  # batches differ only in grouping
+
+
 # ------------------------------------------------------------------ case 19: non-finite numbers
 
 
