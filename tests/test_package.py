@@ -27,7 +27,7 @@ LAYERS = [
     {"train"},
     {"evaluate"},
     {"predict", "rundir", "page"},
-    {"run", "compare"},
+    {"run", "compare", "export"},
     {"verify", "sweep"},
 ]
 
