@@ -130,14 +130,15 @@ def test_predict_onnx_gives_the_checkpoints_classes_and_probabilities(exported, 
 def test_without_the_extra_both_commands_name_it(exported, monkeypatch, capsys):
     base, exp_path, path, _ = exported
     monkeypatch.chdir(base)
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with monkeypatch.context() as patched:
+        patched.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
+        assert export.main([str(exp_path), CKPT, "again.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "onnxscript is not installed" in err and "pip install -e '.[export]'" in err, err
+    assert "Traceback" not in err and not (base / "again.onnx").exists()
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert predict.main(["--onnx", str(path), "data/val/cat/0.png"]) == 2
     err = capsys.readouterr().err
     assert "onnxruntime is not installed" in err and "pip install -e '.[export]'" in err, err
     assert "Traceback" not in err
-
-    monkeypatch.setitem(sys.modules, "onnxscript", None)
-    assert export.main([str(exp_path), CKPT, "again.onnx"]) == 2
-    err = capsys.readouterr().err
-    assert "onnxscript is not installed" in err and "pip install -e '.[export]'" in err, err
-    assert not (base / "again.onnx").exists()
