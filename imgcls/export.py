@@ -98,7 +98,8 @@ def onnx_model(trained: evaluate.Trained, ckpt_path: str) -> bytes:
 
 
 def parity(onnx_bytes: bytes, trained: evaluate.Trained) -> Parity:
-    """The ONNX model against PyTorch (fp32, on the CPU) on every val image, through the loader training validates with."""
+    """The ONNX model against PyTorch (fp32, on the CPU) on every val image, batched by the loader
+    training validates with."""
     exp = trained.exp
     reference = runtime.Inputs(data.inputs(exp, torch.device("cpu")).prepare, torch.device("cpu"), "fp32")
     onnx = predict.from_onnx(onnx_bytes, "the exported model")

@@ -80,7 +80,8 @@ def classify_with(predictor: Predictor, paths: list[str], top_k: int) -> tuple[l
         # Rank by logits, as evaluation's argmax does: logits 1e-10 apart have equal float32 probabilities.
         top = logits.topk(min(top_k, probs.shape[1]), dim=1).indices
         for path, p, indices in zip(batch_paths, probs, top):
-            results.append({"path": path, "top": [{"class": predictor.classes[i], "probability": float(p[i])} for i in indices]})
+            top = [{"class": predictor.classes[i], "probability": float(p[i])} for i in indices]
+            results.append({"path": path, "top": top})
         batch_paths.clear()
         batch.clear()
 
@@ -139,7 +140,8 @@ def from_onnx(model: str | bytes, source: str) -> Predictor:
     ort = optional_import("onnxruntime", "export")
     try:
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for missing and malformed files
+    # onnxruntime's errors (NoSuchFile, InvalidProtobuf, ...) derive from Exception alone.
+    except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{source}: not a readable ONNX model ({type(e).__name__}: {str(e).strip()})") from None
     meta = OnnxMetadata.parse(session.get_modelmeta().custom_metadata_map, source)
     batch_size = config.loads(meta.experiment, f"{source} (stored experiment)").data.eval_batch_size
@@ -202,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the experiment TOML the checkpoint was trained with, the .safetensors checkpoint "
         "(e.g. runs/NAME/best.safetensors), then image files or folders of images; with --onnx, images only",
     )
-    parser.add_argument("--onnx", metavar="MODEL.onnx", help="classify with a model imgcls.export wrote, through onnxruntime")
+    parser.add_argument(
+        "--onnx", metavar="MODEL.onnx", help="classify with a model imgcls.export wrote, through onnxruntime"
+    )
     parser.add_argument("--top-k", type=int, default=1, help="how many classes to list per image (default 1)")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="format", action="store_const", const="json", help="JSON output")

@@ -48,7 +48,7 @@ def exported(trained):
 
 
 def test_the_file_carries_classes_and_preprocessing_and_parity_is_printed(exported):
-    base, exp_path, path, printed = exported
+    base, _, path, printed = exported
     assert "max |logit difference|" in printed and "top-1 agreement 100.00% (8/8)" in printed, printed
     worst = float(printed.split("max |logit difference| ")[1].split()[0])
     assert worst <= export.LOGIT_TOLERANCE
@@ -60,7 +60,8 @@ def test_the_file_carries_classes_and_preprocessing_and_parity_is_printed(export
     mean, std = data.normalization(exp.data)
     assert json.loads(props["classes"]) == saved.classes == ["cat", "dog"]
     assert (int(props["image_size"]), int(props["resize_size"])) == (exp.data.image_size, exp.data.resize_size)
-    assert json.loads(props["normalize_mean"]) == pytest.approx(mean) and json.loads(props["normalize_std"]) == pytest.approx(std)
+    assert json.loads(props["normalize_mean"]) == pytest.approx(mean)
+    assert json.loads(props["normalize_std"]) == pytest.approx(std)
     assert props["experiment"] == config.to_toml(exp)
     assert props["experiment_sha256"] == hashlib.sha256(props["experiment"].encode()).hexdigest()
     assert props["checkpoint_sha256"] == hashlib.sha256((base / CKPT).read_bytes()).hexdigest()
@@ -75,7 +76,8 @@ def perturbed(model_bytes: bytes) -> bytes:
     from onnx import numpy_helper
 
     model = onnx.load_from_string(model_bytes)
-    weights = max((t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT), key=lambda t: np.prod(t.dims))
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    weights = max(floats, key=lambda t: np.prod(t.dims))
     weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) + 0.5, weights.name))
     return model.SerializeToString()
 
@@ -142,3 +144,21 @@ def test_without_the_extra_both_commands_name_it(exported, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "onnxruntime is not installed" in err and "pip install -e '.[export]'" in err, err
     assert "Traceback" not in err
+
+
+def test_predict_onnx_refuses_a_file_that_is_not_an_export(exported, tmp_path, monkeypatch, capsys):
+    base, _, path, _ = exported
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "bare.onnx"))
+    (tmp_path / "text.onnx").write_text("not a model")
+    monkeypatch.chdir(base)
+    expected = {
+        "bare.onnx": "an ONNX model, but not one imgcls.export wrote (its metadata lacks ['format', 'classes'",
+        "text.onnx": "not a readable ONNX model",
+        "absent.onnx": "not a readable ONNX model",
+    }
+    for name, words in expected.items():
+        assert predict.main(["--onnx", str(tmp_path / name), "data/val/cat/0.png"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {tmp_path / name}: {words}" in err and "Traceback" not in err, err
