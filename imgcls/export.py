@@ -27,10 +27,10 @@ from imgcls import checkpoint, config, data, evaluate, predict, runtime
 from imgcls.errors import UserError, guarded, optional_import
 
 # fp32 on both sides, but onnxruntime's kernels sum in other orders than torch's: logits differed by
-# 1.4e-6 on the groceries val images (a one-epoch scratch CNN run at 128), and 1.3e-6 for an
-# untrained ResNet18 at 224 on random images. 1e-3 is far
-# above that and far below the mistakes it is for: on the tiny test run, BGR input moved logits by
-# 0.5 (with every top class unchanged), a weight tensor off by 0.5 by 4.5.
+# 1.4e-6 on the groceries val images (a one-epoch scratch CNN run at 128) and by 1.3e-6 for an
+# untrained ResNet18 at 224 on random images. 1e-3 is far above that and far below the mistakes it
+# is for: on the tiny test run, BGR input moved logits by 0.5 (every top class unchanged), and a
+# weight tensor off by 0.5 by 4.5.
 LOGIT_TOLERANCE = 1e-3
 
 
