@@ -22,6 +22,8 @@ onnx = pytest.importorskip("onnx", reason="the export extra: pip install -e '.[e
 pytest.importorskip("onnxruntime", reason="the export extra: pip install -e '.[export]'")
 pytest.importorskip("onnxscript", reason="the export extra: pip install -e '.[export]'")
 
+pytestmark = pytest.mark.slow
+
 CKPT = "runs/tiny/best.safetensors"
 
 
