@@ -1,6 +1,6 @@
 """The interpreter: one validated experiment in, one run directory out.
 
-`python -m imgcls.run EXPERIMENT.toml [--dry-run] [--resume]`
+`python -m imgcls.run EXPERIMENT.toml [--dry-run] [--resume] [--smoke]`
 
 A run is a pure function of (experiment, data, seed): everything it depends on is read from the
 experiment, and everything it produces lands in <output.root>/<name>/.
@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from imgcls import checkpoint, config, data, evaluate, models, page, report, rundir, runtime, train
+from imgcls import checkpoint, config, data, evaluate, models, page, predict, report, rundir, runtime, train
 from imgcls.errors import ConfigError, UserError, guarded
 from imgcls.rundir import BEST, LAST, RunDir, Timings
 
@@ -138,16 +141,75 @@ def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[st
     return results
 
 
+# ------------------------------------------------------------------------------------ smoke run
+
+SMOKE_IMAGES = 4  # files per class of each split: the first ones, in the order a run scans them
+
+
+def smoke(exp: config.Experiment, progress: bool) -> None:
+    """The whole path on a small copy of the experiment, in a temporary folder that is then removed:
+    preflight, one epoch, evaluation, every result file, and a prediction from the best checkpoint."""
+    begun = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="imgcls-smoke-") as folder:
+        small = smoke_experiment(exp, Path(folder))
+        results = run(small, progress=progress)
+        run_path = Path(small.output.root) / small.name
+        trained = evaluate.load_for_inference(str(run_path / "config.toml"), str(run_path / BEST))
+        image = data.scan_split("val", small.data.val_dir, trained.classes).paths[0]
+        [guess], _ = predict.classify(trained, [image], top_k=1)
+        top = guess["top"][0]
+        written = sorted(p.name for p in run_path.iterdir() if not p.name.startswith("."))
+        print(f"smoke: val accuracy {results['val']['accuracy']:.4f} after 1 epoch; wrote {', '.join(written)}")
+        print(f"smoke: predict {os.path.relpath(image, folder)}: {report.display_name(top['class'])} {top['probability']:.3f}")
+    print(f"smoke: the whole path ran in {time.perf_counter() - begun:.1f} s; its folder {folder} is removed")
+
+
+def smoke_experiment(exp: config.Experiment, folder: Path) -> config.Experiment:
+    """A small copy of exp whose every output lands in folder: one epoch on links to the first
+    SMOKE_IMAGES files per class of each split, the decoded cache and output.root in folder. All
+    else (model, augmentation, batch sizes, seed) is exp's, and it runs through the normal `run`."""
+    tree = exp.model_dump(mode="json")
+    for key in ("train_dir", "val_dir", "test_dir"):
+        if tree["data"][key] is not None:
+            tree["data"][key] = _first_images(tree["data"][key], folder / "data" / key.removesuffix("_dir"))
+    tree["data"]["cache_dir"] = str(folder / "cache")  # the user's cache gains no files from a smoke run
+    tree["output"]["root"] = str(folder / "runs")
+    tree["train"]["epochs"] = 1
+    if "warmup_epochs" in tree["scheduler"]:
+        tree["scheduler"]["warmup_epochs"] = 0  # must be less than epochs
+    return config.validate(tree, f"the smoke copy of {exp.name}")
+
+
+def _first_images(root: str, into: Path) -> str:
+    """into/<class>/... as links to the first SMOKE_IMAGES image files of each class folder of root."""
+    for cls in data.scan_classes(root):
+        folder = os.path.join(root, cls)
+        for path in data.image_files(folder, Counter())[:SMOKE_IMAGES]:
+            link = into / cls / os.path.relpath(path, folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.abspath(path))
+    return str(into)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imgcls.run", description="Train and evaluate one experiment.")
     parser.add_argument("experiment", help="path to the experiment TOML file")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved experiment; read no images")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run of this experiment")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help=f"run the whole path on {SMOKE_IMAGES} images per class for 1 epoch in a temporary folder, then remove it",
+    )
     args = parser.parse_args(argv)
+    if args.smoke and (args.dry_run or args.resume):
+        parser.error("--smoke runs a temporary copy of the experiment: it takes neither --dry-run nor --resume")
 
     def go() -> int:
         exp = config.load(args.experiment, check_paths=True)
+        if args.smoke:
+            smoke(exp, progress=not args.quiet and sys.stderr.isatty())
+            return 0
         if args.dry_run:
             print(config.to_toml(exp.model_copy(update={"device": runtime.resolve_device(exp.device).type})), end="")
             return 0

@@ -27,7 +27,7 @@ LAYERS = [
     {"train"},
     {"evaluate"},
     {"predict", "rundir", "page", "calibrate"},
-    {"run", "compare"},
+    {"run", "compare", "export"},
     {"verify", "sweep"},
 ]
 

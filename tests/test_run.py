@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,90 @@ def test_every_experiment_the_schema_accepts_runs_or_is_refused_cleanly(tmp_path
         assert "Traceback" not in str(e)
         return
     assert results["val"]["images"] == 4
+
+
+# ------------------------------------------------------------------------------------ --smoke
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder below folder, with each file's SHA-256: what a smoke run must not change."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
+
+
+def offline_env(torch_home: Path) -> dict[str, str]:
+    """An empty torch hub cache, and downloads refused at once, whatever this machine can reach."""
+    from .fixtures import cli_env
+
+    refused = "http://127.0.0.1:9"
+    return cli_env(TORCH_HOME=str(torch_home), https_proxy=refused, http_proxy=refused, HTTPS_PROXY=refused, HTTP_PROXY=refused)
+
+
+def smoke_cli(exp: Path, cwd: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    import time
+
+    begun = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "imgcls.run", str(exp), "--smoke"], capture_output=True, text=True,
+                            cwd=cwd, env=env, timeout=300, check=False)
+    return result, time.monotonic() - begun
+
+
+def test_smoke_runs_the_whole_path_in_a_folder_it_removes_and_changes_nothing(tmp_path):
+    make_data(tmp_path, train=6, val=6)
+    exp = experiment(tmp_path, {"train": {"epochs": 30}, "scheduler": {"warmup_epochs": 2}})
+    (tmp_path / "runs" / "older").mkdir(parents=True)
+    (tmp_path / "runs" / "older" / "metrics.json").write_text("{}")
+    cache = Path(os.environ["HOME"]) / ".cache" / "imgcls"  # the default data.cache_dir
+    before = snapshot(tmp_path) | snapshot(cache)
+
+    result, seconds = smoke_cli(exp, tmp_path, offline_env(tmp_path / "torch"))
+
+    assert result.returncode == 0, result.stderr
+    assert snapshot(tmp_path) | snapshot(cache) == before  # output.root, the data and the decoded cache
+    assert "epoch 1/1" in result.stderr and "train: 8 images" in result.stderr and "val: 8 images" in result.stderr, result.stderr
+    written = result.stdout.split("wrote ")[1].splitlines()[0].split(", ")
+    assert {"report.html", "metrics.json", "best.safetensors", "predictions_val.csv", "manifest.json"} <= set(written)
+    assert "smoke: predict data/val/cat/0.png: " in result.stdout, result.stdout
+    folder = result.stdout.split("its folder ")[1].split()[0]
+    assert folder.startswith(tempfile.gettempdir()) and not os.path.exists(folder)
+    assert seconds < 60, seconds
+
+
+def test_the_smoke_copy_is_the_experiment_on_the_first_images_for_one_epoch(tmp_path, monkeypatch):
+    make_data(tmp_path, train=6, val=5)
+    monkeypatch.chdir(tmp_path)
+    exp = config.load(experiment(tmp_path, {"scheduler": {"warmup_epochs": 2}}))
+    small = run.smoke_experiment(exp, tmp_path / "smoke")
+    assert (small.train.epochs, small.scheduler.warmup_epochs) == (1, 0)
+    assert small.output.root == str(tmp_path / "smoke" / "runs") and small.data.cache_dir == str(tmp_path / "smoke" / "cache")
+    for split, count in (("train", 6), ("val", 5)):
+        root = Path(getattr(small.data, f"{split}_dir"))
+        for cls in CLASSES:
+            links = sorted(p.name for p in (root / cls).iterdir())
+            assert links == sorted(sorted(f"{i}.png" for i in range(count))[: run.SMOKE_IMAGES])
+            assert all((root / cls / name).resolve() == (tmp_path / "data" / split / cls / name).resolve() for name in links)
+    unchanged = ("train", "data", "output", "scheduler")
+    assert small.model_dump(exclude=set(unchanged)) == exp.model_dump(exclude=set(unchanged))
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "experiments").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_smoke_of_each_shipped_experiment(path, tmp_path):
+    """On generated shapes in place of the groceries photos; ImageNet weights cannot be had offline,
+    and those runs stop with the message that says where to put them."""
+    data = make_shapes_data(tmp_path)
+    tree = config.read(path)
+    tree["data"] |= {"train_dir": str(data / "train"), "val_dir": str(data / "val"), "test_dir": str(data / "test")}
+    exp = tmp_path / path.name
+    exp.write_text(config.to_toml(config.validate(tree)))
+    result, seconds = smoke_cli(exp, tmp_path, offline_env(tmp_path / "torch"))
+    if tree["model"].get("weights") == "imagenet":
+        assert result.returncode == 2, result.stderr
+        assert "needs torchvision's ResNet18 weights" in result.stderr and str(tmp_path / "torch") in result.stderr
+        assert "Traceback" not in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "smoke: predict" in result.stdout
+    assert not (tmp_path / "runs").exists()
+    assert seconds < 60, seconds
