@@ -158,7 +158,7 @@ MODEL_FIELDS: dict[type, dict[str, Any]] = {
         "dropout": number(0, 1, exclude_hi=True),
         "batch_norm": st.booleans(),
     },
-    C.ResNet18: {"weights": st.one_of(st.sampled_from(["none", "imagenet"]), texts), "freeze_backbone": st.booleans()},
+    C.ResNet: {"weights": st.one_of(st.sampled_from(["none", "imagenet"]), texts), "freeze_backbone": st.booleans()},
 }
 
 betas = st.lists(number(0, 1, exclude_hi=True), min_size=2, max_size=2)

@@ -13,8 +13,8 @@ from imgcls.errors import CheckpointError, ConfigError
 RESNET_FILE = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
 
 
-def resnet_cfg(**kw) -> config.ResNet18:
-    return config.ResNet18(arch="resnet18", **kw)
+def resnet_cfg(**kw) -> config.ResNet:
+    return config.ResNet(arch="resnet18", **kw)
 
 
 def reference_state(seed: int = 7) -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ def test_weights_from_a_local_state_dict(tmp_path, suffix):
 def test_a_wrong_state_dict_is_refused(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"conv1.weight": torch.zeros(1)}, str(path))
-    with pytest.raises(CheckpointError, match="not a ResNet18 state dict"):
+    with pytest.raises(CheckpointError, match="not a resnet18 state dict"):
         models.build_model(resnet_cfg(weights=str(path)), 2)
 
 
