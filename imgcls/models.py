@@ -121,6 +121,8 @@ def torchvision_net(cfg: C.ResNet | C.TorchvisionNet, num_classes: int) -> Class
     """The arch with its weights, every AdaptiveAvgPool2d(1) a GlobalAvgPool, and its last Linear
     replaced by a new head: the backbone is everything before that Linear."""
     arch = arch_table()[cfg.arch]
+    # ImageNet weights first: missing ones fail before the (for convnext_tiny, seconds-long) random init.
+    imagenet = imagenet_state(cfg.arch, arch.weights) if cfg.weights == "imagenet" else None
     match cfg:
         case C.ResNet():
             backbone = arch.constructor(weights=None, zero_init_residual=cfg.zero_init_residual)
@@ -132,7 +134,7 @@ def torchvision_net(cfg: C.ResNet | C.TorchvisionNet, num_classes: int) -> Class
         case "none":
             pass
         case "imagenet":
-            backbone.load_state_dict(imagenet_state(cfg.arch, arch.weights))
+            backbone.load_state_dict(imagenet)
         case path:
             _load_backbone_file(backbone, path, cfg.arch, arch.head_prefix)
     parent, _, last = arch.head.rpartition(".")
