@@ -356,7 +356,7 @@ def train_one_epoch(feed: Feed, opt: Optimization, epoch: int, progress: bool) -
         with feed.inputs.autocast():
             logits = net(x)
         loss = opt.loss_fn(logits.float(), y)
-        optimizer_step(feed, opt, loss)
+        optimizer_step(feed.model, opt, loss)
         if opt.schedule.per_batch:
             opt.schedule.scheduler.step()
         losses[step] = loss.detach()
@@ -369,7 +369,7 @@ def train_one_epoch(feed: Feed, opt: Optimization, epoch: int, progress: bool) -
     return {"train_loss": losses.mean().item(), "train_acc": correct.item() / max(seen, 1)}
 
 
-def optimizer_step(feed: Feed, opt: Optimization, loss: torch.Tensor) -> None:
+def optimizer_step(model: nn.Module, opt: Optimization, loss: torch.Tensor) -> None:
     """Backward, then (fp16) unscale, clip, step, and the average. Without fp16 the scaler's calls are
     pass-throughs, so fp32 and bf16 steps are plain backward + step."""
     opt.optimizer.zero_grad(set_to_none=True)
@@ -381,7 +381,7 @@ def optimizer_step(feed: Feed, opt: Optimization, loss: torch.Tensor) -> None:
     opt.scaler.step(opt.optimizer)  # fp16: skipped when a gradient is inf or NaN, and the scale shrinks
     opt.scaler.update()
     if opt.ema is not None:
-        opt.ema.update(feed.model)
+        opt.ema.update(model)
 
 
 def _check_finite(window: torch.Tensor, epoch: int, first_step: int) -> None:
