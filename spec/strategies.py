@@ -305,6 +305,8 @@ def _experiments(draw) -> dict[str, Any]:
         "leakage": st.sampled_from(["warn", "fail"]),
         "label_conflicts": st.sampled_from(["warn", "fail"]),
         "sampler": st.sampled_from(["shuffle", "balanced"]),
+        "cache_dir": texts,
+        "decode_workers": st.one_of(st.just("auto"), st.integers(1, C.MAX_WORKERS)),
     }
     for key, strategy in optional.items():
         if draw(st.booleans()):

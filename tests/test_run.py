@@ -227,6 +227,8 @@ def runnable(drawn: dict) -> dict:
         if key in data:
             data[key] = min(data[key], 6)
     data["num_workers"] = min(data.get("num_workers", 0), 1)
+    if data.get("decode_workers") not in (None, "auto"):
+        data["decode_workers"] = min(data["decode_workers"], 2)
     model = exp["model"]
     if model["arch"] != "scratch_cnn":  # the smallest arch of each kind: every field but the arch is kept
         model["arch"] = SMALL_ARCH.get(model["arch"], model["arch"])
@@ -255,6 +257,7 @@ def test_every_experiment_the_schema_accepts_runs_or_is_refused_cleanly(tmp_path
     exp = runnable(drawn)
     exp["data"] |= {"train_dir": str(base / "data/train"), "val_dir": str(base / "data/val")}
     exp["data"].pop("test_dir", None)
+    exp["data"]["cache_dir"] = str(base / "cache")  # a drawn folder name would land in the current folder
     exp["output"] = {"root": str(base / "runs")}
     try:
         validated = config.validate(exp)
