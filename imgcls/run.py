@@ -93,8 +93,8 @@ def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train
         state.epoch, state.stopped_early = epoch, stop and epoch < exp.train.epochs
         state.history.append(row)
         if is_best:
-            run_dir.save(BEST, feed.model, state, opt.ema)
-        run_dir.save(LAST, feed.model, state, opt.ema, opt)
+            run_dir.save(BEST, feed.model, state, average=opt.ema)
+        run_dir.save(LAST, feed.model, state, opt, average=opt.ema)
         report.write_history(run_dir.path / "history.csv", state.history)
         seconds = time.perf_counter() - start
         timings.record(run_dir.path, epoch, seconds)

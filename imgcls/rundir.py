@@ -228,10 +228,11 @@ class RunDir:
     classes: list[str]
 
     def save(
-        self, name: str, model: nn.Module, state: train.LoopState, average: train.Ema | None, opt: train.Optimization | None = None
+        self, name: str, model: nn.Module, state: train.LoopState, opt: train.Optimization | None = None,
+        average: train.Ema | None = None,
     ) -> None:
-        """A weights-only checkpoint (with the weights' average, if the run keeps one), or with `opt`
-        the full state that --resume restores."""
+        """A weights-only checkpoint, or with `opt` the full state that --resume restores; either holds
+        `average`, the weights' moving average, beside the weights when the run keeps one."""
         meta = {
             "classes": self.classes,
             "arch": self.exp.model.arch,
