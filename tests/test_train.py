@@ -4,6 +4,7 @@ weights and the balanced sampler are what they claim, and a run using them resum
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 
@@ -27,13 +28,14 @@ from .fixtures import experiment, fingerprint, make_cue_data, make_data, train_t
 FROZEN = {"arch": "resnet18", "weights": "none", "freeze_backbone": True}
 
 
-def _fit_head(tmp_path, augment: list, feature_cache: bool, epochs: int = 2):
-    """Two epochs of run()'s own pieces (no checkpoints): the head's weights, val logits, cache used."""
+def _fit_head(tmp_path, augment: list, feature_cache: bool, epochs: int = 2, ema_decay: float | None = None):
+    """Two epochs of run()'s own pieces (no checkpoints): the head's weights, the val logits of what
+    validation judges (the weight average, with ema_decay), cache used."""
     exp = config.validate({
         "name": "head", "device": "cpu", "augment": augment, "model": FROZEN,
         "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"), "image_size": 32,
                  "batch_size": 4, "eval_batch_size": 8},
-        "train": {"feature_cache": feature_cache},
+        "train": {"feature_cache": feature_cache, "ema_decay": ema_decay},
     })
     cpu = torch.device("cpu")
     dataset = data.prepare(exp.data, progress=False)
@@ -46,8 +48,9 @@ def _fit_head(tmp_path, augment: list, feature_cache: bool, epochs: int = 2):
     feed = train.build_feed(exp, model, loaders, cpu)
     for epoch in range(1, epochs + 1):
         train.train_one_epoch(feed, opt, epoch, progress=False)
-    logits, _ = evaluate.logits_of(feed.net, feed.loaders["val"], feed.inputs)
-    return initial, model.state_dict(), logits, feed.feature_cache
+    logits, _ = evaluate.logits_of(feed.judged(opt), feed.loaders["val"], feed.inputs)
+    state = model.state_dict() if opt.ema is None else opt.ema.model.state_dict()
+    return initial, state, logits, feed.feature_cache
 
 
 def test_feature_cache_trains_the_same_head(tmp_path):
@@ -64,6 +67,24 @@ def test_feature_cache_trains_the_same_head(tmp_path):
     torch.testing.assert_close(cached["head.weight"], plain["head.weight"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cached["head.bias"], plain["head.bias"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_weight_average_of_a_cached_head_is_the_uncached_runs_and_keeps_the_backbone(tmp_path):
+    """train.ema_decay with the feature cache: validation judges the average's head on the cached
+    features, as the uncached run judges the whole averaged model; the average's backbone is the
+    frozen backbone, bit for bit."""
+    make_cue_data(tmp_path)
+    _, cached, cached_logits, used = _fit_head(tmp_path, [], feature_cache=True, ema_decay=0.5)
+    _, plain, plain_logits, plain_used = _fit_head(tmp_path, [], feature_cache=False, ema_decay=0.5)
+    _, raw, raw_logits, _ = _fit_head(tmp_path, [], feature_cache=True)
+    assert used and not plain_used
+    torch.manual_seed(0)  # as _fit_head: the backbone it started from
+    start = models.build(config.ResNet(**FROZEN), 3, torch.device("cpu"), True).state_dict()
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert all(torch.equal(cached[k], start[k]) and torch.equal(plain[k], start[k]) for k in backbone)
+    torch.testing.assert_close(cached["head.weight"], plain["head.weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(cached_logits, raw_logits), "validation did not judge the average"
 
 
 def test_feature_cache_needs_a_deterministic_pipeline(tmp_path):
@@ -225,13 +246,7 @@ def test_fp16_trains_on_cuda_with_a_gradient_scaler_that_resumes(tmp_path):
     train_tiny(tmp_path, {"device": "cuda", "train": {"precision": "fp16", "epochs": 2}})
     saved = checkpoint.load(tmp_path / "runs" / "tiny" / "last.safetensors")
     assert "scaler" in str(saved.meta["resume"])  # the scale and its growth counter travel with the run
-    assert json_finite((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
-
-
-def json_finite(text: str) -> bool:
-    import json
-
-    return math.isfinite(json.loads(text)["val"]["loss"])
+    assert math.isfinite(json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["val"]["loss"])
 
 
 @given(seed=st.integers(0, 2**16), max_norm=st.floats(1e-4, 10), scale=st.floats(1e-3, 1e3))
