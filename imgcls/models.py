@@ -6,9 +6,10 @@ Models return logits (no softmax): CrossEntropyLoss applies log_softmax itself.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn

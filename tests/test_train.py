@@ -76,7 +76,7 @@ def test_the_weight_average_of_a_cached_head_is_the_uncached_runs_and_keeps_the_
     make_cue_data(tmp_path)
     _, cached, cached_logits, used = _fit_head(tmp_path, [], feature_cache=True, ema_decay=0.5)
     _, plain, plain_logits, plain_used = _fit_head(tmp_path, [], feature_cache=False, ema_decay=0.5)
-    _, raw, raw_logits, _ = _fit_head(tmp_path, [], feature_cache=True)
+    *_, raw_logits, _ = _fit_head(tmp_path, [], feature_cache=True)
     assert used and not plain_used
     torch.manual_seed(0)  # as _fit_head: the backbone it started from
     start = models.build(config.ResNet(**FROZEN), 3, torch.device("cpu"), True).state_dict()
