@@ -28,8 +28,11 @@ settings.register_profile("fuzz", max_examples=2000, deadline=None, suppress_hea
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
-@pytest.fixture(autouse=True)
-def own_home(tmp_path_factory, monkeypatch) -> None:
-    """Each test gets an empty home folder, so the default data.cache_dir (~/.cache/imgcls) starts
-    empty: no test's result hangs on what an earlier test (or the user) left in a cache."""
-    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+@pytest.fixture(autouse=True, scope="session")
+def own_home(tmp_path_factory):
+    """The tests' home folder is a new one, so the default data.cache_dir (~/.cache/imgcls) starts
+    empty and no test reads or fills the user's cache. One for the session: a module's finished run
+    and the test that reloads its experiment must expand `~` alike."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        yield

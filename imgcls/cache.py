@@ -236,16 +236,20 @@ def _decoded(jobs: list[tuple[str, str]], resize_size: int, workers: int) -> Ite
     # The platform's default start method, as DataLoader workers use: fork on Linux (torch resets
     # its thread pools in a forked child); spawn elsewhere, where a script that runs imgcls needs
     # the usual `if __name__ == "__main__":` guard, as for DataLoader workers.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=_one_thread) as pool:
         yield from pool.map(_decode_one, jobs, [resize_size] * len(jobs), chunksize=CHUNK)
 
 
+def _one_thread() -> None:
+    """A pool worker decodes in one thread: the pool is the parallelism. (Never in the main process:
+    its thread count is part of what a run's bits depend on.)"""
+    torch.set_num_threads(1)
+
+
 def _decode_one(job: tuple[str, str], resize_size: int) -> tuple[bytes, list[int], int] | str:
-    """Read a file once, check its bytes are those hashed, decode them (one thread: the pool is the
-    parallelism). An error message names the file as PATH, which the reader puts back: the cache is
+    """Read a file once, check its bytes are those hashed, decode them. An error message names the file as PATH, which the reader puts back: the cache is
     keyed by content, and the same bytes may sit elsewhere next time."""
     path, expected = job
-    torch.set_num_threads(1)
     try:
         read = decoding.read(path, resize_size)
         if read.sha256 != expected:

@@ -85,6 +85,13 @@ class NormalizeStats(Section):
 Sampler = Literal["shuffle", "balanced"]
 
 
+# Tagged by the value's type, so a bad count gets one error (the count's), not one per branch.
+DecodeWorkers = Annotated[
+    Union[Annotated[int, Field(ge=1, le=MAX_WORKERS), Tag("count")], Annotated[Literal["auto"], Tag("auto")]],
+    Discriminator(lambda v: "auto" if isinstance(v, str) else "count"),
+]
+
+
 class DataConfig(Section):
     train_dir: PathText = Field(description="training images: one sub-folder per class (ImageFolder); ~ is home")
     val_dir: PathText = Field(description="validation images, same layout; labelled with train's classes")
@@ -120,7 +127,7 @@ class DataConfig(Section):
         description="folder of decoded-image caches (one file per split and resize_size, named by the files' "
         "SHA-256s), reused by every run, resume and evaluate over the same files; delete it to free the space",
     )
-    decode_workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
+    decode_workers: DecodeWorkers = Field(
         "auto",
         description=f'processes that decode images when a cache is built ("auto": one per CPU this process may use; '
         f"at most {MAX_WORKERS}); the cache's bytes are the same for any number",
@@ -854,9 +861,10 @@ def _unwritable(folder: Path) -> str | None:
 # ------------------------------------------------------------------------ comparing experiments
 
 # Keys that cannot change a run's numbers, so a resume may change them: workers only move work
-# around (augmentation is keyed by sample, the cache's bytes are fixed by the file list), and the
-# folders only say where the run directory and the decoded caches live.
-RESULT_NEUTRAL = frozenset({"data.num_workers", "data.decode_workers", "data.cache_dir", "output.root"})
+# around (augmentation is keyed by sample, the cache's bytes are fixed by the file list), the
+# folders only say where the run directory and the decoded caches live, and the allocator only
+# decides when freed memory goes back to the OS.
+RESULT_NEUTRAL = frozenset({"data.num_workers", "data.decode_workers", "data.cache_dir", "output.root", "train.allocator"})
 
 
 # Keys that decide what a trained model answers for an image: the network, the eval preprocessing

@@ -144,7 +144,7 @@ def _sizes(run_dir: Path, manifest: dict) -> str:
     rows = []
     for split, info in manifest["data"]["splits"].items():
         files = info["files"]
-        folder = _split_folder(info["root"], run_dir)
+        folder = split_folder(info["root"], run_dir)
         step = max(1, len(files) // SIZE_SAMPLE)
         dims = [d for f in files[::step][:SIZE_SAMPLE] if (d := _dimensions(folder, f["path"])) is not None]
         sampled = Num(f"{len(dims)} of {len(files)}" if len(dims) < len(files) else "all")
@@ -230,7 +230,7 @@ def _gallery(run_dir: Path, manifest: dict) -> str:
     if not wrong:
         return f'<p class="ok">Every {split} image is classified correctly.</p>'
     info = manifest["data"]["splits"][split]
-    folder = _split_folder(info["root"], run_dir)
+    folder = split_folder(info["root"], run_dir)
     # The CSV holds names text_safe; the manifest holds them exactly, as the file system does.
     exact = {text_safe(f["path"]): f["path"] for f in info["files"]}
     shown = wrong[:GALLERY_MAX]
@@ -243,7 +243,7 @@ def _gallery(run_dir: Path, manifest: dict) -> str:
 
 
 def _figure(folder: Path | None, path: str, row: dict[str, str]) -> str:
-    thumb = _thumbnail(folder / path) if folder is not None else None
+    thumb = thumbnail(folder / path) if folder is not None else None
     picture = (f'<img src="data:image/jpeg;base64,{thumb}" alt="{_e(path)}">' if thumb
                else '<div class="noimg">image not found</div>')
     return (
@@ -294,7 +294,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _split_folder(root: str, run_dir: Path) -> Path | None:
+def split_folder(root: str, run_dir: Path) -> Path | None:
     """Where a split's files are now. A relative root started at the run's working directory, which
     no file records: try here (where the run itself writes its page), then each folder above the run."""
     for base in (Path.cwd(), *run_dir.resolve().parents):
@@ -313,7 +313,7 @@ def _dimensions(folder: Path | None, relative: str) -> tuple[int, int] | None:
         return None
 
 
-def _thumbnail(path: Path) -> str | None:
+def thumbnail(path: Path) -> str | None:
     """A JPEG, upright, shorter side at most THUMB_SIDE and longer side at most 4x that, base64-encoded."""
     try:
         with Image.open(path) as img:

@@ -18,7 +18,7 @@ import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
@@ -155,19 +155,37 @@ def _digest(lines: Any) -> str:
     return hashlib.sha256("".join(f"{line}\n" for line in lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def data_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Per split, the files added, removed and changed (content or class) between two manifests."""
-    lines = []
+@dataclass(frozen=True)
+class FileChange:
+    """One file of a split that differs between two manifests, by its path under the split's folder."""
+
+    path: str
+    kind: Literal["added", "removed", "changed"]  # changed: same path, other content or class
+    classes: tuple[str | None, str | None]  # before, now; None where the file is absent
+
+    def __str__(self) -> str:
+        before, now = self.classes
+        relabelled = self.kind == "changed" and before != now
+        return f"{self.kind} {self.path}" + (f" (class {before} -> {now})" if relabelled else "")
+
+
+def split_changes(before: dict[str, Any], now: dict[str, Any]) -> dict[str, list[FileChange]]:
+    """Per split of either manifest, its files added, removed and changed (content or class)."""
+    out = {}
     for name in dict.fromkeys([*before["data"]["splits"], *now["data"]["splits"]]):
         a = {f["path"]: f for f in before["data"]["splits"].get(name, {}).get("files", [])}
         b = {f["path"]: f for f in now["data"]["splits"].get(name, {}).get("files", [])}
-        lines += [f"{name}: added {p}" for p in b if p not in a]
-        lines += [f"{name}: removed {p}" for p in a if p not in b]
-        lines += [
-            f"{name}: changed {p}" + (f" (class {a[p]['class']} -> {b[p]['class']})" if a[p]["class"] != b[p]["class"] else "")
-            for p in a if p in b and a[p] != b[p]
-        ]
-    return lines
+        out[name] = (
+            [FileChange(p, "added", (None, b[p]["class"])) for p in b if p not in a]
+            + [FileChange(p, "removed", (a[p]["class"], None)) for p in a if p not in b]
+            + [FileChange(p, "changed", (a[p]["class"], b[p]["class"])) for p in a if p in b and a[p] != b[p]]
+        )
+    return out
+
+
+def data_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Per split, the files added, removed and changed between two manifests, one line each."""
+    return [f"{name}: {change}" for name, changes in split_changes(before, now).items() for change in changes]
 
 
 def refuse_other_inputs(run_dir: Path, now: dict[str, Any]) -> None:

@@ -171,3 +171,15 @@ def test_a_run_from_the_cache_is_bit_identical_to_one_that_built_it(tmp_path, mo
 
 def test_the_cache_folder_is_result_neutral():
     assert {"data.cache_dir", "data.decode_workers"} <= config.RESULT_NEUTRAL
+
+
+def test_building_a_cache_leaves_the_process_thread_count_alone(tmp_path):
+    """Pool workers decode in one thread each; the run's own process keeps its count, which its bits
+    depend on (a cold build once left it at 1, and cold and warm runs differed in the last bits)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        build(split_paths(make_split(tmp_path / "train", 2)), tmp_path / "cache")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)

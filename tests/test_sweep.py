@@ -154,7 +154,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped_and_ranks_every_member(ba
     assert f"[1/4] {NAMES[0]}: finished earlier, skipped" in err and f"[3/4] {NAMES[2]}: resuming" in err
     assert [json.loads((d / "metrics.json").read_text())["epochs_run"] for d in dirs] == [2, 2, 2, 2]
     ranking = compare.ranking([compare.load_run(d) for d in dirs])
-    assert sorted(row["run"] for row in ranking["rows"]) == sorted(map(str, dirs))
+    assert sorted(row.run for row in ranking.rows) == sorted(map(str, dirs))
     assert out.endswith(compare.ranking_text(ranking) + "\n")
 
     # A member folder holding a run of another experiment is refused before anything runs.
