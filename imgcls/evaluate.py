@@ -133,10 +133,10 @@ def load_for_inference(exp_path: str, ckpt_path: str, tta: config.Tta | None = N
             + "\nuse the experiment the checkpoint came from (its run directory's config.toml)"
         )
     _check_classes(exp, saved.classes, ckpt_path)
-    device = runtime.resolve_device(exp.device)
+    device = runtime.resolve_device(exp.device, exp.train.precision)
     model = models.build(models.untrained(trained.model), len(saved.classes), device, trained.train.channels_last)
     try:
-        model.load_state_dict(saved.model)
+        model.load_state_dict(saved.weights)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt_path}: weights do not fit model {trained.model.arch!r}: {e}") from None
     model.eval()

@@ -31,7 +31,7 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True, 
     stop_after: end after that many epochs, before evaluating (verify's quick check of a long run);
     returns {} then, and the folder holds a resumable run.
     """
-    device = runtime.resolve_device(exp.device)
+    device = runtime.resolve_device(exp.device, exp.train.precision)
     exp = exp.model_copy(update={"device": device.type})  # the run records the resolved device
     problems = config.path_problems(exp.model_dump(mode="json"))
     if problems:
@@ -49,7 +49,7 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True, 
 
 def setup(exp: config.Experiment, run_path: Path, resume: bool, progress: bool) -> tuple[RunDir, train.Feed, train.Optimization, train.LoopState]:
     """The preflight, the run's inputs recorded, then model, optimizer and loop state (restored on resume)."""
-    device = runtime.resolve_device(exp.device)
+    device = runtime.resolve_device(exp.device, exp.train.precision)
     runtime.seed_everything(exp.seed, device)
     runtime.configure_allocator(exp.train.allocator)  # before the first image is decoded: it governs every later block
 
@@ -88,7 +88,7 @@ def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train
         start = time.perf_counter()
         lr = opt.optimizer.param_groups[0]["lr"]
         fit_metrics = train.train_one_epoch(feed, opt, epoch, progress)
-        logits, labels = evaluate.logits_of(feed.net, feed.loaders["val"], feed.inputs)
+        logits, labels = evaluate.logits_of(feed.judged(opt), feed.loaders["val"], feed.inputs)
         val = evaluate.compute_metrics(logits, labels, run_dir.classes)
         train.step_epoch_scheduler(opt.schedule, {"val_loss": val["loss"], "val_acc": val["accuracy"]})
         row = train.epoch_row(epoch, fit_metrics, val, lr) | {"weights": checkpoint.weights_digest(feed.model.state_dict())}
@@ -96,8 +96,8 @@ def fit(run_dir: RunDir, feed: train.Feed, opt: train.Optimization, state: train
         state.epoch, state.stopped_early = epoch, stop and epoch < exp.train.epochs
         state.history.append(row)
         if is_best:
-            run_dir.save(BEST, feed.model, state)
-        run_dir.save(LAST, feed.model, state, opt)
+            run_dir.save(BEST, feed.model, state, average=opt.ema)
+        run_dir.save(LAST, feed.model, state, opt, average=opt.ema)
         report.write_history(run_dir.path / "history.csv", state.history)
         seconds = time.perf_counter() - start
         timings.record(run_dir.path, epoch, seconds)
@@ -111,7 +111,7 @@ def finish(run_dir: RunDir, feed: train.Feed, state: train.LoopState) -> dict[st
     exp, classes, path = run_dir.exp, run_dir.classes, run_dir.path
     if not (path / BEST).exists():
         raise UserError(f"no epoch gave a finite {exp.train.select_best}; nothing to evaluate")
-    feed.model.load_state_dict(checkpoint.load(path / BEST).model)  # feed.net shares these parameters
+    feed.model.load_state_dict(checkpoint.load(path / BEST).weights)  # feed.net shares these parameters
     results: dict[str, Any] = {"classes": classes}
     reports = []
     net, loaders, inputs = feed.evaluation(exp.evaluate.tta)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             smoke(exp, progress=not args.quiet and sys.stderr.isatty())
             return 0
         if args.dry_run:
-            print(config.to_toml(exp.model_copy(update={"device": runtime.resolve_device(exp.device).type})), end="")
+            print(config.to_toml(exp.model_copy(update={"device": runtime.resolve_device(exp.device, exp.train.precision).type})), end="")
             return 0
         results = run(exp, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
         for split in ("val", "test"):

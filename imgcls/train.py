@@ -7,6 +7,7 @@ killed run resumes at the next epoch with exactly the bits it would have had.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal
@@ -127,26 +128,69 @@ def _warmed_up(cfg: WarmedUp, optimizer: torch.optim.Optimizer, main: lr_schedul
     return Schedule(sequence, per_batch=False)
 
 
+class Ema:
+    """An exponential moving average of a model's weights, updated after every optimizer step:
+    ema = decay * ema + (1 - decay) * weights, over every floating-point tensor of the state dict
+    (parameters and BatchNorm statistics, as timm's ModelEmaV3 does); integer buffers (BatchNorm's
+    batch counter) are copied. It starts from the model's initial weights, without warm-up.
+
+    lerp, not the two products: ema + w * (weights - ema) leaves a tensor that never changed (a frozen
+    backbone) bit-identical, where decay * ema + (1 - decay) * ema may round away from it.
+    """
+
+    def __init__(self, model: models.Classifier, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if ema.is_floating_point():
+                ema.lerp_(current, 1.0 - self.decay)
+            else:
+                ema.copy_(current)
+
+
 @dataclass
 class Optimization:
-    """What one optimizer step needs besides the batch: the loss, the optimizer and its schedule."""
+    """What one optimizer step needs besides the batch: the loss, the optimizer and its schedule, the
+    fp16 gradient scaler (a pass-through unless train.precision = "fp16"), clipping and the average."""
 
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: Schedule
+    scaler: torch.amp.GradScaler
+    clip_grad_norm: float | None = None
+    ema: Ema | None = None
+
+    def resumable_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs besides the model's weights and the RNG."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),  # {} unless fp16: the scale and its growth counter
+        }
+
+    def load_resumable_state(self, states: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.schedule.scheduler.load_state_dict(states["scheduler"])
+        self.scaler.load_state_dict(states.get("scaler", {}))  # checkpoints from before fp16 hold none
 
 
 def build_optimization(
-    exp: C.Experiment, model: nn.Module, steps_per_epoch: int, class_counts: dict[str, int]
+    exp: C.Experiment, model: models.Classifier, steps_per_epoch: int, class_counts: dict[str, int]
 ) -> Optimization:
     """class_counts: training images per class, in label order (data.class_counts)."""
     optimizer = build_optimizer(exp.optimizer, model.parameters())
     schedule = build_scheduler(exp.scheduler, optimizer, exp.train.epochs, steps_per_epoch)
+    device = next(model.parameters()).device
     weight = class_weights(exp.train.class_weights, class_counts)
     if weight is not None:
-        weight = weight.to(next(model.parameters()).device)
+        weight = weight.to(device)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=exp.train.label_smoothing)
-    return Optimization(loss_fn, optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=exp.train.precision == "fp16")
+    ema = None if exp.train.ema_decay is None else Ema(model, exp.train.ema_decay)
+    return Optimization(loss_fn, optimizer, schedule, scaler, exp.train.clip_grad_norm, ema)
 
 
 def class_weights(cfg: C.ClassWeights, class_counts: dict[str, int]) -> torch.Tensor | None:
@@ -197,6 +241,14 @@ class Feed:
             return self.model, self.image_loaders, self.image_inputs
         return self.net, self.loaders, self.inputs
 
+    def part(self, model: models.Classifier) -> nn.Module:
+        """What this feed's batches go through in `model` (the trained one or its average): all of it, or its head."""
+        return model.head if self.feature_cache else model
+
+    def judged(self, opt: Optimization) -> nn.Module:
+        """The network that validation (and so `best`) judges: the average of the weights when there is one."""
+        return self.net if opt.ema is None else self.part(opt.ema.model)
+
 
 def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, DataLoader], device: torch.device) -> Feed:
     """Images through the whole model; or, where train.feature_cache applies exactly, the frozen
@@ -218,7 +270,7 @@ def build_feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, D
 
 def feature_cache_applies(exp: C.Experiment) -> bool:
     """Exact only when the backbone never changes and every epoch sees the same crop of every image."""
-    frozen = isinstance(exp.model, C.ResNet18) and exp.model.freeze_backbone
+    frozen = not isinstance(exp.model, C.ScratchCNN) and exp.model.freeze_backbone
     return exp.train.feature_cache and frozen and not exp.augment
 
 
@@ -313,9 +365,7 @@ def train_one_epoch(feed: Feed, opt: Optimization, epoch: int, progress: bool) -
         with feed.inputs.autocast():
             logits = net(x)
         loss = opt.loss_fn(logits.float(), y)
-        opt.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.optimizer.step()
+        optimizer_step(feed.model, opt, loss)
         if opt.schedule.per_batch:
             opt.schedule.scheduler.step()
         losses[step] = loss.detach()
@@ -326,6 +376,21 @@ def train_one_epoch(feed: Feed, opt: Optimization, epoch: int, progress: bool) -
             _check_finite(window, epoch, step - len(window) + 1)
             bar.set_postfix(loss=f"{window.mean().item():.4f}", lr=f"{opt.optimizer.param_groups[0]['lr']:.2e}")
     return {"train_loss": losses.mean().item(), "train_acc": correct.item() / max(seen, 1)}
+
+
+def optimizer_step(model: nn.Module, opt: Optimization, loss: torch.Tensor) -> None:
+    """Backward, then (fp16) unscale, clip, step, and the average. Without fp16 the scaler's calls are
+    pass-throughs, so fp32 and bf16 steps are plain backward + step."""
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scaler.scale(loss).backward()
+    if opt.clip_grad_norm is not None:
+        opt.scaler.unscale_(opt.optimizer)  # clip the true gradients, not the scaled ones
+        trainable = [p for group in opt.optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(trainable, opt.clip_grad_norm)
+    opt.scaler.step(opt.optimizer)  # fp16: skipped when a gradient is inf or NaN, and the scale shrinks
+    opt.scaler.update()
+    if opt.ema is not None:
+        opt.ema.update(model)
 
 
 def _check_finite(window: torch.Tensor, epoch: int, first_step: int) -> None:

@@ -211,9 +211,14 @@ def test_two_runs_of_one_experiment_write_byte_identical_files(tmp_path, workers
 # ------------------------------------------------------------------- the schema accepts what runs
 
 
+# Same family, same code path, a fraction of the weights to initialise.
+SMALL_ARCH = {"resnet34": "resnet18", "resnet50": "resnet18", "mobilenet_v3_large": "mobilenet_v3_small",
+              "convnext_tiny": "efficientnet_b0"}
+
+
 def runnable(drawn: dict) -> dict:
     """A drawn experiment shrunk to seconds: tiny images, batches, widths and one epoch (two with a
-    warm-up, cut to one epoch), on the CPU, with no weights to download, and class weights renamed
+    warm-up, cut to one epoch), on the CPU, with no weights to download, small archs, and class weights renamed
     to the tiny data's classes. Every other value (seed, augment parameters, optimizer, schedule,
     precision, ...) is kept as drawn: those are what must either run or be refused by the schema."""
     exp = copy.deepcopy(drawn)
@@ -228,7 +233,8 @@ def runnable(drawn: dict) -> dict:
     if data.get("decode_workers") not in (None, "auto"):
         data["decode_workers"] = min(data["decode_workers"], 2)
     model = exp["model"]
-    if model["arch"] == "resnet18":
+    if model["arch"] != "scratch_cnn":  # the smallest arch of each kind: every field but the arch is kept
+        model["arch"] = SMALL_ARCH.get(model["arch"], model["arch"])
         model["weights"] = "none"
     else:
         model["channels"] = [min(c, 8) for c in model.get("channels", [8, 8])][:3]
