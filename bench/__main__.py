@@ -1,4 +1,5 @@
-"""`python -m bench [g1 g2 g3 g4 g5 allocator augment cache distributed] [--quick] [--rounds N] [--json FILE]`
+"""`python -m bench [g1 g2 g3 g4 g5 allocator augment cache distributed zero_init] [--quick] [--rounds N]
+[--json FILE]`
 
 Each comparison runs its contenders interleaved (A, B, A, B, ...) and reports medians, their
 ratio and the raw figures as JSON on stdout. Without names, all run (G2 and G3 take tens of
@@ -24,6 +25,7 @@ COMPARISONS = {
     "augment": "random crop + flip: imgcls's keyed ops on a batch vs transforms v2 per image",
     "cache": "decoded cache: peak RSS at N and 4N images, cold vs warm preflight, 2 vs 1 decode processes",
     "distributed": "torchrun, 2 processes (gloo) vs 1 process: steady epoch time, and how closely the runs agree",
+    "zero_init": "model.zero_init_residual: ResNet18 from scratch on the groceries photos, with and without, 3 seeds",
 }
 
 
@@ -65,6 +67,10 @@ def run_one(name: str, quick: bool, rounds: int) -> dict:
             from bench.distributed import compare as distributed
 
             return distributed(quick, rounds)
+        case "zero_init":
+            from bench.zero_init import compare as zero_init
+
+            return zero_init(quick, rounds)
     raise AssertionError(name)
 
 

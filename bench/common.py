@@ -68,11 +68,10 @@ def generated_folder(name: str, classes: int, per_class: dict[str, int], size: t
 
 
 def groceries() -> Path:
-    """The demo photos: this checkout's data/groceries, the main checkout's, or fetched from the package."""
-    for candidate in (ROOT / "data" / "groceries", Path("/work/main/data/groceries")):
-        if (candidate / "train").is_dir():
-            return candidate
+    """The demo photos: this checkout's data/groceries, made from the package on first use."""
     target = ROOT / "data" / "groceries"
+    if (target / "train").is_dir():
+        return target
     subprocess.run([PYTHON, "-m", "imgcls.datasets", "groceries", str(target)], check=True, cwd=ROOT)
     return target
 

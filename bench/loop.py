@@ -56,7 +56,8 @@ class Contest:
         self.loaders = data.build_loaders(exp, self.dataset)
         self.opt = train.build_optimization(exp, self.model, len(self.loaders["train"]),
                                             data.class_counts(self.dataset.splits["train"], self.dataset.classes))
-        self.feed = train.Feed(self.model, self.model, data.inputs(exp, self.device), self.loaders, feature_cache=False)
+        inputs = data.inputs(exp, self.device)
+        self.feed = train.Feed(self.model, self.model, inputs, self.loaders, False, self.loaders, inputs)
         self.loss_fn = nn.CrossEntropyLoss()
         self.epoch = 0
         fmt = torch.channels_last if exp.train.channels_last else torch.contiguous_format

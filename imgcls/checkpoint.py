@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,18 @@ TEMP_PREFIX = ".tmp-"
 
 @dataclass
 class Checkpoint:
+    """model: the trained weights; ema: their moving average (train.ema_decay), else empty."""
+
     model: dict[str, torch.Tensor]
     meta: dict[str, Any]
     optim: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights that evaluation and prediction use: the average when the run kept one."""
+        return self.ema or self.model
 
     @property
     def classes(self) -> list[str]:
@@ -47,14 +55,15 @@ class Checkpoint:
 
 def save(path: str | Path, ckpt: Checkpoint) -> None:
     """Write a checkpoint atomically; weights holding NaN or inf are refused, never written."""
-    bad = [k for k, v in ckpt.model.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    named = ckpt.model | {f"ema.{k}": v for k, v in ckpt.ema.items()}  # how the error names them
+    bad = [k for k, v in named.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         after = f" after epoch {ckpt.meta['epoch']}" if "epoch" in ckpt.meta else ""
         raise NonFiniteWeights(
             f"{path}: not saved: the weights became NaN or infinite{after} ({', '.join(bad[:3])}); "
             "the previous checkpoint is kept. Lower optimizer.lr, or check the data"
         )
-    tensors = {f"model.{k}": v for k, v in ckpt.model.items()}
+    tensors = {f"model.{k}": v for k, v in ckpt.model.items()} | {f"ema.{k}": v for k, v in ckpt.ema.items()}
     tensors |= {f"optim.{k}": v for k, v in ckpt.optim.items()}
     tensors |= {f"rng.{k}": v for k, v in ckpt.rng.items()}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -96,13 +105,13 @@ def load(path: str | Path) -> Checkpoint:
     meta = json.loads(header)
     if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected {FORMAT})")
-    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "rng": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "rng": {}, "ema": {}}
     for key, value in tensors.items():
         group, _, name = key.partition(".")
         if group not in parts:
             raise CheckpointError(f"{path}: unexpected tensor {key!r}; not an imgcls checkpoint")
         parts[group][name] = value
-    return Checkpoint(parts["model"], meta, parts["optim"], parts["rng"])
+    return Checkpoint(parts["model"], meta, parts["optim"], parts["rng"], parts["ema"])
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -114,7 +123,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
             tensors, is_imgcls = st_load(raw), "imgcls" in _metadata(raw)
         except (SafetensorError, ValueError, RuntimeError, OSError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        return load(path).model if is_imgcls else tensors
+        return load(path).weights if is_imgcls else tensors
     if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0") not in ("", "0"):
         # That variable turns weights_only=True off inside torch.load: a pickle could then run code.
         raise CheckpointError(

@@ -328,21 +328,45 @@ class ScratchCNN(Section):
         return 2 ** len(self.channels)  # each MaxPool(2) floors the side by half
 
 
-class ResNet18(Section):
-    arch: Literal["resnet18"]
+class _Torchvision(Section):
+    """A torchvision classifier whose last layer is replaced by a new head for the experiment's classes."""
+
+    arch: str  # narrowed to the variant's names below; declared here so it stays the table's first key
     weights: PathText = Field(
         "imagenet",
-        description='"none" (random init), "imagenet" (torchvision\'s IMAGENET1K_V1), or a path to a '
-        "state dict (.pth/.safetensors) or an imgcls checkpoint",
+        description='"none" (random init), "imagenet" (torchvision\'s ImageNet weights for the arch, listed under '
+        '"Backbones" in README.md), or a path to a state dict (.pth/.safetensors) or an imgcls checkpoint',
     )
     freeze_backbone: bool = Field(False, description="train only the new head; backbone weights and BatchNorm stats stay fixed")
 
     @property
     def min_image_size(self) -> int:
-        return 32  # total stride of ResNet18; smaller inputs leave BatchNorm single-pixel maps
+        return 32  # total stride of every arch here; smaller inputs leave BatchNorm single-pixel maps
 
 
-Model = Annotated[Union[ScratchCNN, ResNet18], Field(discriminator="arch")]
+class ResNet(_Torchvision):
+    arch: Literal["resnet18", "resnet34", "resnet50"]
+    zero_init_residual: bool = Field(
+        False,
+        description="start each residual branch's last BatchNorm weight at zero, so every block begins as the "
+        'identity (Goyal et al. 2017); only with weights = "none". Unmeasured here: bench/zero_init.py measures it',
+    )
+
+    @model_validator(mode="after")
+    def _zero_init_needs_no_weights(self) -> ResNet:
+        if self.zero_init_residual and self.weights != "none":
+            raise ValueError(
+                f"zero_init_residual = true only shapes a random initialisation, but weights = {self.weights!r} "
+                'replace it: set weights = "none" or zero_init_residual = false'
+            )
+        return self
+
+
+class TorchvisionNet(_Torchvision):
+    arch: Literal["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"]
+
+
+Model = Annotated[Union[ScratchCNN, ResNet, TorchvisionNet], Field(discriminator="arch")]
 
 # ------------------------------------------------------------------------------------ optimizer
 
@@ -470,8 +494,25 @@ class TrainConfig(Section):
         "val_loss", description="metric that picks the best checkpoint (must equal early_stopping.monitor)"
     )
     channels_last: bool = Field(True, description="channels_last memory format (faster convolutions on CPU and GPU)")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description='"bf16" autocasts the forward pass (faster on recent CPUs/GPUs, not bit-identical to fp32)'
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description='"bf16" autocasts the forward pass (faster on recent CPUs/GPUs, not bit-identical to fp32); '
+        '"fp16" autocasts to float16 with a gradient scaler (torch.amp.GradScaler), CUDA only',
+    )
+    clip_grad_norm: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_RATE,
+        description="clip the global L2 norm of the trainable parameters' gradients to this value before each "
+        "step (after fp16 unscaling); absent: no clipping",
+    )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the weights, ema = decay * ema + (1 - decay) * weights "
+        "after every optimizer step (e.g. 0.999), and validate, select `best`, evaluate and predict with it; "
+        "absent: no average",
     )
     feature_cache: bool = Field(
         True,
@@ -492,10 +533,28 @@ class TrainConfig(Section):
     )
 
 
+FP16_ON_CPU = (
+    'train.precision = "fp16" needs a CUDA device (its gradient scaler exists for float16\'s narrow range on GPUs), '
+    'but the run is on the CPU: use "bf16" (also half the bits, with fp32\'s range) or "fp32"'
+)
+
+
 class EarlyStopping(Section):
     monitor: Literal["val_loss", "val_acc"] = Field("val_loss", description="metric watched after each epoch")
     patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
+
+
+Tta = Literal["none", "flip"]
+
+
+class EvaluateConfig(Section):
+    tta: Tta = Field(
+        "none",
+        description='test-time augmentation of the run\'s final val/test evaluation, evaluate and predict: "none" '
+        '(the centre crop); "flip" (the mean of the logits, not the probabilities, of the centre crop and its '
+        "horizontal mirror: two forward passes). Per-epoch validation never uses it",
+    )
 
 
 class OutputConfig(Section):
@@ -521,6 +580,7 @@ class Experiment(Section):
     scheduler: Scheduler = Field({"name": "none"}, description="learning-rate schedule")
     train: TrainConfig = Field({}, description="training loop settings")
     early_stopping: EarlyStopping | None = Field(None, description="stop when the monitor stops improving; absent: run all epochs")
+    evaluate: EvaluateConfig = Field({}, description="how the trained model is evaluated and used")
     output: OutputConfig = Field({}, description="where results are written")
 
     @model_validator(mode="after")
@@ -531,6 +591,8 @@ class Experiment(Section):
                 f"data.image_size = {self.data.image_size} is too small for model.arch = {self.model.arch!r}: "
                 f"it needs at least {self.model.min_image_size}"
             )
+        if self.train.precision == "fp16" and self.device == "cpu":
+            problems.append(FP16_ON_CPU)
         if self.early_stopping and self.early_stopping.monitor != self.train.select_best:
             problems.append(
                 f"early_stopping.monitor = {self.early_stopping.monitor!r} but train.select_best = "
@@ -910,7 +972,7 @@ def _key_path(loc: tuple) -> tuple[str, type[BaseModel] | None, list[str | int],
             annotation = _member_tags(annotation)[item]
             continue
         if members and not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            tagged = [m for m in members if _tag_of(m) == item]
+            tagged = [m for m in members if item in _tags_of(m)]
             if tagged:  # a discriminator value: part of pydantic's loc, not of the TOML key
                 annotation = tagged[0]
                 continue
@@ -924,8 +986,8 @@ def _key_path(loc: tuple) -> tuple[str, type[BaseModel] | None, list[str | int],
             parent, annotation = None, None
         raw.append(item)
         parts.append(("." if parts else "") + str(item))
-    whole_table = _tag_of(annotation) is not None or (isinstance(annotation, type) and issubclass(annotation, BaseModel))
-    whole_table = whole_table or any(_tag_of(m) is not None for m in _union_members(_strip(annotation)))
+    whole_table = bool(_tags_of(annotation)) or (isinstance(annotation, type) and issubclass(annotation, BaseModel))
+    whole_table = whole_table or any(_tags_of(m) for m in _union_members(_strip(annotation)))
     return "".join(parts), parent, raw, whole_table
 
 
@@ -952,14 +1014,15 @@ def _union_members(annotation: Any) -> list[Any]:
     return []
 
 
-def _tag_of(model: Any) -> str | None:
+def _tags_of(model: Any) -> tuple[str, ...]:
+    """The discriminator values a variant answers to (one per arch name a variant covers), or ()."""
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
-        return None
+        return ()
     for key in ("op", "arch", "name"):
         field = model.model_fields.get(key)
         if field is not None and typing.get_origin(field.annotation) is Literal:
-            return typing.get_args(field.annotation)[0]
-    return None
+            return typing.get_args(field.annotation)
+    return ()
 
 
 # --------------------------------------------------------------------------- reference document
@@ -978,12 +1041,13 @@ def reference() -> str:
             is_list = typing.get_origin(annotation) is list
             inner = _strip(typing.get_args(annotation)[0]) if is_list else annotation
             members = _union_members(inner) or [inner]
-            variants = [m for m in members if _tag_of(m) is not None]
+            variants = [m for m in members if _tags_of(m)]
             tables = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel) and m not in variants]
             rows.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
             for variant in variants:
                 tag_key = next(k for k in ("op", "arch", "name") if k in variant.model_fields)
-                walk(variant, f'{key}[{tag_key}="{_tag_of(variant)}"].', skip=tag_key)
+                tags = " \\| ".join(f'"{t}"' for t in _tags_of(variant))
+                walk(variant, f"{key}[{tag_key}={tags}].", skip=tag_key)
             for table in tables:
                 walk(table, f"{key}.")
 
@@ -996,7 +1060,7 @@ def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return " \\| ".join(f'`"{a}"`' for a in typing.get_args(annotation))
     members = _union_members(annotation)
-    if members and all(_tag_of(m) is not None for m in members):
+    if members and all(_tags_of(m) for m in members):
         tag_key = next(k for k in ("op", "arch", "name") if k in members[0].model_fields)
         return f"table chosen by `{tag_key}`"
     if members:

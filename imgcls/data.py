@@ -509,7 +509,7 @@ def split_loader(
     transform = split_transform(exp.augment if is_train else [], exp.data.image_size)
     batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
     order = exp.data.sampler if is_train else "in_order"
-    pin = runtime.resolve_device(exp.device).type == "cuda"
+    pin = runtime.resolve_device(exp.device, exp.train.precision).type == "cuda"
     dataset = ImageSet(split, images, transform, exp.seed)
     return make_loader(dataset, batch, order, exp.data.num_workers, exp.seed, pin, world)
 

@@ -6,9 +6,11 @@ else is a bug. Imports the standard library only, so the schema can use it witho
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
+from types import ModuleType
 from typing import Callable
 
 
@@ -47,6 +49,19 @@ class WriteError(UserError):
 
 class PeerLost(UserError):
     """Another process of a distributed run died or stopped answering."""
+
+
+def optional_import(module: str, extra: str) -> ModuleType:
+    """A module of one of imgcls's optional extras, or a UserError naming the install that brings it.
+
+    Called inside the functions that need it: the extras' libraries stay off every other command's
+    start-up, and their absence fails only the command that needs them."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(
+            f"{module} is not installed ({e}); it comes with imgcls's {extra!r} extra: pip install -e '.[{extra}]'"
+        ) from None
 
 
 class Terminated(Exception):

@@ -1,9 +1,10 @@
 """Evaluation: the one forward pass behind every "what are this image's logits", and the metrics.
 
 Training's validation, `evaluate` and `predict` all call `forward`, so the three answer with one
-numeric path (autocast included) and cannot drift apart.
+numeric path (autocast and test-time augmentation included) and cannot drift apart.
 
-`python -m imgcls.evaluate EXP CKPT [--split val|test]` prints a checkpoint's metrics on a split.
+`python -m imgcls.evaluate EXP CKPT [--split val|test] [--tta none|flip]` prints a checkpoint's
+metrics on a split, its ECE before and after the temperature `python -m imgcls.calibrate` fitted.
 """
 
 from __future__ import annotations
@@ -14,42 +15,63 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, assert_never
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from imgcls import checkpoint, config, data, distributed, models, report, runtime
+from imgcls import calibration, checkpoint, config, data, distributed, models, report, runtime
 from imgcls.errors import CheckpointError, ConfigError, guarded
 
 
 @torch.inference_mode()
-def forward(net: nn.Module, images: torch.Tensor, inputs: runtime.Inputs) -> torch.Tensor:
-    """Logits (float32, on the CPU) of one batch, with the network in eval mode."""
+def forward(net: nn.Module, images: torch.Tensor, inputs: runtime.Inputs, tta: config.Tta = "none") -> torch.Tensor:
+    """Logits (float32, on the CPU) of one batch of (N, C, H, W) images, with the network in eval mode.
+
+    tta = "flip": the mean of the logits of the images and of their horizontal mirrors. Logits, not
+    probabilities, are averaged, so the result is again one set of logits: loss, ECE and temperature
+    scaling apply to it unchanged. Two passes, not one batch twice the size, so each half has the
+    bits a plain pass over the same images would have.
+    """
     net.eval()
+    logits = _pass(net, images, inputs)
+    match tta:
+        case "none":
+            return logits
+        case "flip":
+            return (logits + _pass(net, images.flip(-1), inputs)) / 2
+        case _:
+            assert_never(tta)
+
+
+def _pass(net: nn.Module, images: torch.Tensor, inputs: runtime.Inputs) -> torch.Tensor:
     with inputs.autocast():
         logits = net(inputs.prepare(images))
     return logits.float().cpu()
 
 
-def logits_of(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], inputs: runtime.Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_of(
+    net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], inputs: runtime.Inputs, tta: config.Tta = "none"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and labels of a loader, in the loader's order."""
     all_logits, all_labels = [], []
     for images, labels in batches:
-        all_logits.append(forward(net, images, inputs))
+        all_logits.append(forward(net, images, inputs, tta))
         all_labels.append(labels)
     if not all_logits:  # a rank whose shard of a small split is empty
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)  # 1-D empty: torch.cat skips it
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def split_logits_of(net: nn.Module, loader: DataLoader, inputs: runtime.Inputs, world: distributed.World) -> tuple[torch.Tensor, torch.Tensor]:
+def split_logits_of(
+    net: nn.Module, loader: DataLoader, inputs: runtime.Inputs, world: distributed.World, tta: config.Tta = "none"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and labels of a split in file order, however many processes share it: each rank
     scores its own shard (no image twice, none padded in), and the shards are gathered with their
     image indices, so every rank holds exactly the split's logits."""
-    logits, labels = logits_of(net, loader, inputs)
+    logits, labels = logits_of(net, loader, inputs, tta)
     if not world.distributed:
         return logits, labels
     shards = world.gather((loader.batch_sampler.shard(), logits, labels))
@@ -58,7 +80,7 @@ def split_logits_of(net: nn.Module, loader: DataLoader, inputs: runtime.Inputs, 
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Loss (plain cross-entropy), accuracy, macro-F1, per-class P/R/F1 and the confusion matrix.
+    """Loss (plain cross-entropy), accuracy, macro-F1, ECE, per-class P/R/F1 and the confusion matrix.
 
     Classes absent from the split still get a row, so matrices of different splits line up.
     """
@@ -75,6 +97,7 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
         "loss": float(F.cross_entropy(logits, labels)),
         "accuracy": float((y_pred == y_true).mean()),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "ece": calibration.ece(logits.softmax(1), labels),
         "per_class": {
             c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]), "support": int(support[i])}
             for i, c in enumerate(classes)
@@ -98,20 +121,23 @@ def text_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
 
 @dataclass
 class Trained:
-    """A checkpoint's model in eval mode, with the experiment and classes it was trained with."""
+    """A checkpoint's model in eval mode, with the experiment and classes it was trained with, the
+    test-time augmentation to answer with, and the checkpoint's calibration if one was fitted for it."""
 
     exp: config.Experiment
     model: nn.Module
     classes: list[str]
     inputs: runtime.Inputs
+    tta: config.Tta = "none"
+    calibration: calibration.Calibration | None = None
 
 
-def load_for_inference(exp_path: str, ckpt_path: str) -> Trained:
+def load_for_inference(exp_path: str, ckpt_path: str, tta: config.Tta | None = None) -> Trained:
     """Experiment + checkpoint -> model in eval mode.
 
     The checkpoint is the source of truth for what decides predictions (config.PREDICTION_KEYS):
     an experiment that differs from it in any of them is refused, naming the keys. The experiment
-    still says where the data is and which device to use.
+    still says where the data is, which device to use and, unless `tta` overrides it, evaluate.tta.
     """
     exp = config.load(exp_path)
     saved = checkpoint.load(ckpt_path)
@@ -124,14 +150,15 @@ def load_for_inference(exp_path: str, ckpt_path: str) -> Trained:
             + "\nuse the experiment the checkpoint came from (its run directory's config.toml)"
         )
     _check_classes(exp, saved.classes, ckpt_path)
-    device = runtime.resolve_device(exp.device)
+    device = runtime.resolve_device(exp.device, exp.train.precision)
     model = models.build(models.untrained(trained.model), len(saved.classes), device, trained.train.channels_last)
     try:
-        model.load_state_dict(saved.model)
+        model.load_state_dict(saved.weights)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt_path}: weights do not fit model {trained.model.arch!r}: {e}") from None
     model.eval()
-    return Trained(exp, model, saved.classes, data.inputs(trained, device))
+    tta = tta or exp.evaluate.tta
+    return Trained(exp, model, saved.classes, data.inputs(trained, device), tta, calibration.for_checkpoint(ckpt_path, tta))
 
 
 def _check_classes(exp: config.Experiment, classes: list[str], ckpt_path: str) -> None:
@@ -156,19 +183,30 @@ def split_logits(trained: Trained, split: str) -> tuple[list[str], torch.Tensor,
     decoded, failures = data.decode_split(images, exp.data, progress=False)
     for f in failures:
         print(f"skipped: {f}", file=sys.stderr)
-    logits, labels = logits_of(trained.model, data.split_loader(exp, images, decoded), trained.inputs)
+    logits, labels = logits_of(trained.model, data.split_loader(exp, images, decoded), trained.inputs, trained.tta)
     return images.paths, logits, labels
 
 
-def evaluate_checkpoint(exp_path: str, ckpt_path: str, split: str, predictions: Path | None = None) -> dict[str, Any]:
-    """A checkpoint's metrics on a split; with `predictions`, also the per-image CSV a run writes."""
-    trained = load_for_inference(exp_path, ckpt_path)
+def evaluate_checkpoint(
+    exp_path: str, ckpt_path: str, split: str, predictions: Path | None = None, tta: config.Tta | None = None
+) -> dict[str, Any]:
+    """A checkpoint's metrics on a split, the TTA used, and where the checkpoint has a calibration,
+    the temperature with the split's loss and ECE after it; with `predictions`, also the per-image CSV
+    a run writes (uncalibrated, as the run's)."""
+    trained = load_for_inference(exp_path, ckpt_path, tta)
     paths, logits, labels = split_logits(trained, split)
     if predictions is not None:
         root = trained.exp.data.val_dir if split == "val" else trained.exp.data.test_dir
         relative = [os.path.relpath(p, root) for p in paths]
         report.write_predictions(predictions, relative, logits, labels, trained.classes)
-    return compute_metrics(logits, labels, trained.classes)
+    metrics = compute_metrics(logits, labels, trained.classes) | {"tta": trained.tta}
+    if (cal := trained.calibration) is not None:
+        metrics["calibrated"] = {
+            "temperature": cal.temperature,
+            "loss": calibration.nll(logits, labels, cal.temperature),
+            "ece": calibration.ece(cal.probabilities(logits), labels),
+        }
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,18 +216,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["val", "test"], default="val", help="which split to evaluate")
     parser.add_argument("--json", action="store_true", help="print the full metrics as JSON")
     parser.add_argument(
+        "--tta", choices=["none", "flip"], help="test-time augmentation (default: the experiment's evaluate.tta)"
+    )
+    parser.add_argument(
         "--predictions", type=Path, metavar="CSV", help="also write per-image predictions, as a run's predictions_<split>.csv"
     )
     args = parser.parse_args(argv)
 
     def go() -> int:
-        metrics = evaluate_checkpoint(args.experiment, args.checkpoint, args.split, args.predictions)
+        metrics = evaluate_checkpoint(args.experiment, args.checkpoint, args.split, args.predictions, args.tta)
         if args.json:
             print(json.dumps(metrics, indent=2))
-        else:
+            return 0
+        print(
+            f"{args.split}: {metrics['images']} images  accuracy {metrics['accuracy']:.4f}  "
+            f"macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  ECE {metrics['ece']:.4f}  tta {metrics['tta']}"
+        )
+        if "calibrated" in metrics:
+            after = metrics["calibrated"]
             print(
-                f"{args.split}: {metrics['images']} images  accuracy {metrics['accuracy']:.4f}  "
-                f"macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}"
+                f"calibrated: T={after['temperature']:.4f}  ECE {metrics['ece']:.4f} -> {after['ece']:.4f}  "
+                f"loss {metrics['loss']:.4f} -> {after['loss']:.4f}"
             )
         return 0
 

@@ -61,6 +61,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any] | None = None) -> Path:
         ("data", "Data card", _data_card(run_dir, preflight, manifest, metrics)),
         ("curves", "Learning curves", _curves(run_dir)),
         ("confusion", "Confusion matrices", _confusion(run_dir, metrics)),
+        ("calibration", "Calibration", _calibration(run_dir, metrics)),
         ("per-class", "Per-class metrics", _per_class(metrics)),
         ("gallery", "Misclassified images", _gallery(run_dir, manifest)),
         ("provenance", "Manifest and environment", _provenance(run_dir, manifest)),
@@ -201,6 +202,21 @@ def _confusion(run_dir: Path, metrics: dict[str, Any]) -> str:
     ]
     layout = "pair" if len(metrics["classes"]) <= SIDE_BY_SIDE_CLASSES else "stack"
     return f'<div class="{layout}">{"".join(parts)}</div>'
+
+
+def _calibration(run_dir: Path, metrics: dict[str, Any]) -> str:
+    if "tta" not in metrics:  # metrics.json of an imgcls that did not yet measure calibration
+        return '<p class="warn">This run recorded no calibration (no ECE in metrics.json).</p>'
+    parts = [
+        f"<div><h3>{split}: ECE {_num(metrics[split]['ece'])}</h3>"
+        + _png(run_dir, f"reliability_{split}.png", f"reliability diagram on {split}") + "</div>"
+        for split in EVALUATED if split in metrics
+    ]
+    tta = {"none": "the centre crop", "flip": "the mean logits of the centre crop and its mirror"}[metrics["tta"]]
+    return (f"<p>Accuracy per top-class confidence bin (15 equal-width bins) against the diagonal of a calibrated "
+            f"model; expected calibration error (ECE) in the headings. Evaluated on {tta} (evaluate.tta). "
+            f"<code>python -m imgcls.calibrate</code> fits a temperature on val that predict then applies.</p>"
+            f'<div class="pair">{"".join(parts)}</div>')
 
 
 def _confused_pairs(matrix: list[list[int]], classes: list[str], top: int = 10) -> str:

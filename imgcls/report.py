@@ -28,6 +28,7 @@ from typing import Any, Iterable, TextIO
 import numpy as np
 import torch
 
+from imgcls import calibration
 from imgcls.checkpoint import atomic_write
 
 # No wall-clock column: identical runs write identical files (seconds go to timings.json).
@@ -171,6 +172,28 @@ def plot_confusion(path: Path, matrix: list[list[int]], classes: list[str], titl
         for j in range(n):
             value = int(counts[i, j])
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black", fontsize=8)
+    _save(fig, path)
+
+
+def plot_reliability(path: Path, probs: torch.Tensor, labels: torch.Tensor, title: str) -> None:
+    """Reliability diagram: accuracy per confidence bin against the diagonal of perfect calibration,
+    the gap to it shaded, the share of images per bin below; the ECE in the title."""
+    counts, confidences, correct = calibration.reliability(probs, labels)
+    filled = counts > 0
+    edges = np.asarray(calibration.EDGES)
+    width = edges[1] - edges[0]
+    accuracy = np.where(filled, (correct / counts.clamp(min=1)).numpy(), 0.0)
+    mean_conf = np.where(filled, (confidences / counts.clamp(min=1)).numpy(), np.nan)
+    fig, (ax, ax_n) = _pyplot().subplots(2, 1, figsize=(5, 6), height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
+    ax.bar(edges[:-1], accuracy, width=width, align="edge", edgecolor="black", label="accuracy")
+    gap = np.nan_to_num(mean_conf - accuracy)
+    ax.bar(edges[:-1], gap, bottom=accuracy, width=width, align="edge", color="red", alpha=0.3, label="gap to confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    ax.set_title(f"{title}\nECE {calibration.ece(probs, labels):.4f} ({calibration.BINS} bins, {len(labels)} images)", parse_math=False)
+    ax.legend(loc="upper left")
+    ax_n.bar(edges[:-1], (counts / max(len(labels), 1)).numpy(), width=width, align="edge", edgecolor="black")
+    ax_n.set(xlabel="confidence (top-class probability)", ylabel="share of images")
     _save(fig, path)
 
 

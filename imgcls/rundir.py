@@ -252,8 +252,12 @@ class RunDir:
     classes: list[str]
     world: distributed.World = distributed.World()  # only its main rank writes; every rank's RNG is saved
 
-    def save(self, name: str, model: nn.Module, state: train.LoopState, opt: train.Optimization | None = None) -> None:
-        """A weights-only checkpoint, or with `opt` the full state that --resume restores."""
+    def save(
+        self, name: str, model: nn.Module, state: train.LoopState, opt: train.Optimization | None = None,
+        average: train.Ema | None = None,
+    ) -> None:
+        """A weights-only checkpoint, or with `opt` the full state that --resume restores; either holds
+        `average`, the weights' moving average, beside the weights when the run keeps one."""
         meta = {
             "classes": self.classes,
             "arch": self.exp.model.arch,
@@ -263,13 +267,13 @@ class RunDir:
         }
         optim_tensors, rng = {}, {}
         if opt is not None:
-            optim_tensors, skeleton = checkpoint.flatten_state(
-                {"optimizer": opt.optimizer.state_dict(), "scheduler": opt.schedule.scheduler.state_dict()}, "s"
-            )
+            optim_tensors, skeleton = checkpoint.flatten_state(opt.resumable_state(), "s")
             rng, scalars = _every_rank_rng(self.world)
             meta |= ResumeRecord(state, skeleton, scalars).to_meta()
+        ema = {} if average is None else average.model.state_dict()
         if self.world.is_main:
-            checkpoint.save(self.path / name, checkpoint.Checkpoint(model.state_dict(), meta, optim_tensors, rng))
+            saved = checkpoint.Checkpoint(model.state_dict(), meta, optim_tensors, rng, ema)
+            checkpoint.save(self.path / name, saved)
 
     def restore(self, model: nn.Module, opt: train.Optimization, device: torch.device) -> train.LoopState:
         """Put model, optimizer, scheduler, monitor and every RNG back as they were after the saved epoch."""
@@ -283,9 +287,11 @@ class RunDir:
                 "a class folder was added, removed or renamed since the run started"
             )
         model.load_state_dict(saved.model)
-        states = checkpoint.unflatten_state(record.optim_skeleton, saved.optim)
-        opt.optimizer.load_state_dict(states["optimizer"])
-        opt.schedule.scheduler.load_state_dict(states["scheduler"])
+        if opt.ema is not None:
+            if not saved.ema:
+                raise CheckpointError(f"{path} holds no weight average, but train.ema_decay asks for one")
+            opt.ema.model.load_state_dict(saved.ema)
+        opt.load_resumable_state(checkpoint.unflatten_state(record.optim_skeleton, saved.optim))
         _restore_rank_rng(saved.rng, record.rng_scalars, self.world, device)
         if self.world.is_main:
             print(f"resuming {self.path} after epoch {record.loop.epoch}", file=sys.stderr)

@@ -16,19 +16,24 @@ import numpy as np
 import torch
 from typing_extensions import assert_never
 
+from imgcls import config
 from imgcls.errors import ConfigError
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, precision: Precision) -> torch.device:
+    """The device a run uses; a precision it cannot have is refused here, before any image is decoded."""
     match name:
         case "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         case "cuda" if not torch.cuda.is_available():
             raise ConfigError("device", ['"cuda" was asked for but no CUDA device is available; use "auto" or "cpu"'])
         case _:
-            return torch.device(name)
+            device = torch.device(name)
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("experiment", [config.FP16_ON_CPU])
+    return device
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -60,6 +65,8 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     match precision:
         case "bf16":
             return torch.autocast(device.type, dtype=torch.bfloat16)
+        case "fp16":
+            return torch.autocast(device.type, dtype=torch.float16)
         case "fp32":
             return contextlib.nullcontext()
         case _:

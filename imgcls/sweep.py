@@ -388,7 +388,7 @@ def _plans(exps: list[config.Experiment]) -> list[Plan]:
         started = (folder / "config.toml").exists() or (folder / rundir.LAST).exists()
         plans.append("finished" if (folder / "metrics.json").exists() else "resume" if started else "start")
         if (folder / "config.toml").exists():
-            resolved = exp.model_copy(update={"device": runtime.resolve_device(exp.device).type})  # as the run recorded it
+            resolved = exp.model_copy(update={"device": runtime.resolve_device(exp.device, exp.train.precision).type})  # as the run recorded it
             try:
                 rundir.refuse_changes(config.load(folder / "config.toml"), resolved, f"{folder} holds a run of another experiment", "run")
             except UserError as e:

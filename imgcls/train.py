@@ -7,6 +7,7 @@ killed run resumes at the next epoch with exactly the bits it would have had.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal
@@ -129,26 +130,69 @@ def _warmed_up(cfg: WarmedUp, optimizer: torch.optim.Optimizer, main: lr_schedul
     return Schedule(sequence, per_batch=False)
 
 
+class Ema:
+    """An exponential moving average of a model's weights, updated after every optimizer step:
+    ema = decay * ema + (1 - decay) * weights, over every floating-point tensor of the state dict
+    (parameters and BatchNorm statistics, as timm's ModelEmaV3 does); integer buffers (BatchNorm's
+    batch counter) are copied. It starts from the model's initial weights, without warm-up.
+
+    lerp, not the two products: ema + w * (weights - ema) leaves a tensor that never changed (a frozen
+    backbone) bit-identical, where decay * ema + (1 - decay) * ema may round away from it.
+    """
+
+    def __init__(self, model: models.Classifier, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if ema.is_floating_point():
+                ema.lerp_(current, 1.0 - self.decay)
+            else:
+                ema.copy_(current)
+
+
 @dataclass
 class Optimization:
-    """What one optimizer step needs besides the batch: the loss, the optimizer and its schedule."""
+    """What one optimizer step needs besides the batch: the loss, the optimizer and its schedule, the
+    fp16 gradient scaler (a pass-through unless train.precision = "fp16"), clipping and the average."""
 
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: Schedule
+    scaler: torch.amp.GradScaler
+    clip_grad_norm: float | None = None
+    ema: Ema | None = None
+
+    def resumable_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs besides the model's weights and the RNG."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),  # {} unless fp16: the scale and its growth counter
+        }
+
+    def load_resumable_state(self, states: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.schedule.scheduler.load_state_dict(states["scheduler"])
+        self.scaler.load_state_dict(states.get("scaler", {}))  # checkpoints from before fp16 hold none
 
 
 def build_optimization(
-    exp: C.Experiment, model: nn.Module, steps_per_epoch: int, class_counts: dict[str, int]
+    exp: C.Experiment, model: models.Classifier, steps_per_epoch: int, class_counts: dict[str, int]
 ) -> Optimization:
     """class_counts: training images per class, in label order (data.class_counts)."""
     optimizer = build_optimizer(exp.optimizer, model.parameters())
     schedule = build_scheduler(exp.scheduler, optimizer, exp.train.epochs, steps_per_epoch)
+    device = next(model.parameters()).device
     weight = class_weights(exp.train.class_weights, class_counts)
     if weight is not None:
-        weight = weight.to(next(model.parameters()).device)
+        weight = weight.to(device)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=exp.train.label_smoothing)
-    return Optimization(loss_fn, optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=exp.train.precision == "fp16")
+    ema = None if exp.train.ema_decay is None else Ema(model, exp.train.ema_decay)
+    return Optimization(loss_fn, optimizer, schedule, scaler, exp.train.clip_grad_norm, ema)
 
 
 def class_weights(cfg: C.ClassWeights, class_counts: dict[str, int]) -> torch.Tensor | None:
@@ -189,6 +233,8 @@ class Feed:
     inputs: runtime.Inputs
     loaders: dict[str, DataLoader]
     feature_cache: bool
+    image_loaders: dict[str, DataLoader]  # the images behind `loaders`, whatever `net` eats
+    image_inputs: runtime.Inputs
     world: distributed.World = distributed.World()
     ddp: nn.Module | None = None  # `net` under DistributedDataParallel, when the run spans processes: what trains
 
@@ -196,6 +242,21 @@ class Feed:
     def trained(self) -> nn.Module:
         """What a training step runs: `net`, or its DDP wrapper (evaluation runs `net` itself, rank by rank)."""
         return self.net if self.ddp is None else self.ddp
+
+    def evaluation(self, tta: C.Tta) -> tuple[nn.Module, dict[str, DataLoader], runtime.Inputs]:
+        """What the final evaluation runs through: cached features are those of the unmirrored crop,
+        so a test-time augmentation takes the whole model on images."""
+        if self.feature_cache and tta != "none":
+            return self.model, self.image_loaders, self.image_inputs
+        return self.net, self.loaders, self.inputs
+
+    def part(self, model: models.Classifier) -> nn.Module:
+        """What this feed's batches go through in `model` (the trained one or its average): all of it, or its head."""
+        return model.head if self.feature_cache else model
+
+    def judged(self, opt: Optimization) -> nn.Module:
+        """The network that validation (and so `best`) judges: the average of the weights when there is one."""
+        return self.net if opt.ema is None else self.part(opt.ema.model)
 
 
 def build_feed(
@@ -216,7 +277,7 @@ def _feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, DataLo
           world: distributed.World) -> Feed:
     inputs = data.inputs(exp, device)
     if not feature_cache_applies(exp):
-        return Feed(model, model, inputs, loaders, feature_cache=False, world=world)
+        return Feed(model, model, inputs, loaders, False, loaders, inputs, world=world)
     cached = {}
     for split_name, loader in loaders.items():
         in_order = data.make_loader(loader.dataset, exp.data.eval_batch_size, "in_order", 0, exp.seed)
@@ -226,12 +287,12 @@ def _feed(exp: C.Experiment, model: models.Classifier, loaders: dict[str, DataLo
         order = exp.data.sampler if split_name == "train" else "in_order"
         cached[split_name] = data.make_loader(features_set, batch, order, 0, exp.seed, world=world)
     to_device = runtime.Inputs(lambda features: features.to(device, non_blocking=True), device, inputs.precision)
-    return Feed(model, model.head, to_device, cached, feature_cache=True, world=world)
+    return Feed(model, model.head, to_device, cached, True, loaders, inputs, world=world)
 
 
 def feature_cache_applies(exp: C.Experiment) -> bool:
     """Exact only when the backbone never changes and every epoch sees the same crop of every image."""
-    frozen = isinstance(exp.model, C.ResNet18) and exp.model.freeze_backbone
+    frozen = not isinstance(exp.model, C.ScratchCNN) and exp.model.freeze_backbone
     return exp.train.feature_cache and frozen and not exp.augment
 
 
@@ -325,10 +386,13 @@ def train_one_epoch(feed: Feed, opt: Optimization, epoch: int, progress: bool) -
         x, y = feed.inputs.prepare(images), labels.to(device, non_blocking=True)
         with feed.inputs.autocast():
             logits = net(x)
-        loss = opt.loss_fn(logits.float(), y) if not world.distributed else _share_of_loss(opt.loss_fn, logits.float(), y, world)
-        opt.optimizer.zero_grad(set_to_none=True)
-        (loss * world.size).backward()  # DDP averages the ranks' gradients; their shares of the loss add up
-        opt.optimizer.step()
+        if world.distributed:
+            loss = _share_of_loss(opt.loss_fn, logits.float(), y, world)
+        else:
+            loss = opt.loss_fn(logits.float(), y)
+        # DDP averages the ranks' gradients, and their shares of the loss add up to the whole batch's:
+        # scaled by the world size, the averaged gradient is the whole batch's.
+        optimizer_step(feed.model, opt, loss * world.size)
         if opt.schedule.per_batch:
             opt.schedule.scheduler.step()
         losses[step] = loss.detach()
@@ -349,6 +413,21 @@ def _share_of_loss(loss_fn: nn.CrossEntropyLoss, logits: torch.Tensor, y: torch.
     total = F.cross_entropy(logits, y, weight=loss_fn.weight, label_smoothing=loss_fn.label_smoothing, reduction="sum")
     here = loss_fn.weight[y].sum() if loss_fn.weight is not None else torch.tensor(float(len(y)), device=logits.device)
     return total / world.sum(here)
+
+
+def optimizer_step(model: nn.Module, opt: Optimization, loss: torch.Tensor) -> None:
+    """Backward, then (fp16) unscale, clip, step, and the average. Without fp16 the scaler's calls are
+    pass-throughs, so fp32 and bf16 steps are plain backward + step."""
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scaler.scale(loss).backward()
+    if opt.clip_grad_norm is not None:
+        opt.scaler.unscale_(opt.optimizer)  # clip the true gradients, not the scaled ones
+        trainable = [p for group in opt.optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(trainable, opt.clip_grad_norm)
+    opt.scaler.step(opt.optimizer)  # fp16: skipped when a gradient is inf or NaN, and the scale shrinks
+    opt.scaler.update()
+    if opt.ema is not None:
+        opt.ema.update(model)
 
 
 def _check_finite(window: torch.Tensor, epoch: int, first_step: int) -> None:

@@ -173,7 +173,7 @@ def check_inputs(recorded: RecordedRun, exp: config.Experiment, anyway: bool) ->
     Costs one preflight (every image decoded, as the run's own preflight did), which the re-run repeats.
     """
     # As run.setup does before it records its manifest: on a GPU seeding sets CUBLAS_WORKSPACE_CONFIG.
-    runtime.seed_everything(exp.seed, runtime.resolve_device(exp.device))
+    runtime.seed_everything(exp.seed, runtime.resolve_device(exp.device, exp.train.precision))
     now = rundir.manifest(exp, data.prepare(exp.data, progress=False))
     manifest_path = recorded.path / rundir.MANIFEST
     try:

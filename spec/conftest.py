@@ -26,6 +26,7 @@ def no_plots(monkeypatch):
     """Drawing curves and confusion matrices is most of a tiny run's time and part of no claim."""
     monkeypatch.setattr(report, "plot_curves", lambda *args, **kwargs: None)
     monkeypatch.setattr(report, "plot_confusion", lambda *args, **kwargs: None)
+    monkeypatch.setattr(report, "plot_reliability", lambda *args, **kwargs: None)
 
 
 @pytest.fixture(scope="session")

@@ -158,7 +158,12 @@ MODEL_FIELDS: dict[type, dict[str, Any]] = {
         "dropout": number(0, 1, exclude_hi=True),
         "batch_norm": st.booleans(),
     },
-    C.ResNet18: {"weights": st.one_of(st.sampled_from(["none", "imagenet"]), texts), "freeze_backbone": st.booleans()},
+    C.ResNet: {
+        "weights": st.one_of(st.sampled_from(["none", "imagenet"]), texts),
+        "freeze_backbone": st.booleans(),
+        "zero_init_residual": st.booleans(),
+    },
+    C.TorchvisionNet: {"weights": st.one_of(st.sampled_from(["none", "imagenet"]), texts), "freeze_backbone": st.booleans()},
 }
 
 betas = st.lists(number(0, 1, exclude_hi=True), min_size=2, max_size=2)
@@ -196,6 +201,7 @@ SECTION_FIELDS: dict[type, dict[str, Any]] = {
         "mean": st.lists(number(-2, 2), min_size=3, max_size=3),
         "std": st.lists(number(0, 2, exclude_lo=True), min_size=3, max_size=3),
     },
+    C.EvaluateConfig: {"tta": st.sampled_from(["none", "flip"])},
     C.TrainConfig: {
         "epochs": st.integers(1, 1000),
         "label_smoothing": number(0, 1, exclude_hi=True),
@@ -204,7 +210,9 @@ SECTION_FIELDS: dict[type, dict[str, Any]] = {
         ),
         "select_best": st.sampled_from(["val_loss", "val_acc"]),
         "channels_last": st.booleans(),
-        "precision": st.sampled_from(["fp32", "bf16"]),
+        "precision": st.sampled_from(["fp32", "bf16", "fp16"]),
+        "clip_grad_norm": number(0, C.MAX_RATE, exclude_lo=True),
+        "ema_decay": number(0, 1, exclude_lo=True, exclude_hi=True),
         "feature_cache": st.booleans(),
         "allocator": st.sampled_from(["retain", "system"]),
     },
@@ -220,14 +228,23 @@ TAGS = {"op", "arch", "name"}
 
 
 def tag_of(cls: type) -> tuple[str, str]:
+    key, values = tags_of(cls)
+    return key, values[0]
+
+
+def tags_of(cls: type) -> tuple[str, tuple[str, ...]]:
+    """The tag key and every value it takes (a variant may cover several archs)."""
     key = next(k for k in TAGS if k in cls.model_fields)
-    return key, typing.get_args(cls.model_fields[key].annotation)[0]
+    return key, typing.get_args(cls.model_fields[key].annotation)
 
 
 @st.composite
 def section(draw, cls: type, fields: dict[str, Any]) -> dict[str, Any]:
     """A TOML table for one section: the tag if it has one, required fields, any subset of the rest."""
-    table: dict[str, Any] = dict([tag_of(cls)]) if any(k in cls.model_fields for k in TAGS) else {}
+    table: dict[str, Any] = {}
+    if any(k in cls.model_fields for k in TAGS):
+        key, values = tags_of(cls)
+        table[key] = draw(st.sampled_from(values))
     for key, strategy in fields.items():
         if cls.model_fields[key].is_required() or draw(st.booleans()):
             table[key] = draw(strategy)
@@ -308,6 +325,7 @@ def _experiments(draw) -> dict[str, Any]:
         "scheduler": variant(SCHEDULER_FIELDS),
         "train": section(C.TrainConfig, SECTION_FIELDS[C.TrainConfig]),
         "early_stopping": section(C.EarlyStopping, SECTION_FIELDS[C.EarlyStopping]),
+        "evaluate": section(C.EvaluateConfig, SECTION_FIELDS[C.EvaluateConfig]),
         "output": section(C.OutputConfig, SECTION_FIELDS[C.OutputConfig]),
     }
     for key, strategy in optional_top.items():

@@ -64,7 +64,7 @@ cases = st.tuples(scratch_cnns(), st.booleans(), seeds)
 
 @settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases)
-@example(case=(config.ResNet18(arch="resnet18", weights="none"), True, 0))  # 45 MB each: one example is enough
+@example(case=(config.ResNet(arch="resnet18", weights="none"), True, 0))  # 45 MB each: one example is enough
 def test_saving_and_loading_gives_identical_predictions(tmp_path_factory, case):
     """Saving and loading a checkpoint gives identical predictions: bit-identical logits for the same images,
     for every model variant, BatchNorm statistics included."""

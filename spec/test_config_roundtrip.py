@@ -91,3 +91,6 @@ def test_strategies_cover_the_whole_schema():
         find(experiments(), lambda e, key=key: key in e["data"], settings=REACH)
     for key in C.Experiment.model_fields:
         find(experiments(), lambda e, key=key: key in e, settings=REACH)
+    for cls in MODEL_FIELDS:  # every arch name, not only each variant
+        for arch in typing.get_args(cls.model_fields["arch"].annotation):
+            find(experiments(), lambda e, arch=arch: e["model"]["arch"] == arch, settings=REACH)

@@ -114,7 +114,7 @@ def check_model_layers_obey_formula(formula, model: nn.Module, x: torch.Tensor) 
 
 
 @given(
-    st.one_of(scratch_cnns(), st.just(C.ResNet18(arch="resnet18", weights="none"))),
+    st.one_of(scratch_cnns(), st.just(C.ResNet(arch="resnet18", weights="none"))),
     st.integers(0, 24),
     st.integers(0, 24),
 )

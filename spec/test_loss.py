@@ -83,7 +83,7 @@ def check_outputs_logits(build, cfg, k: int, seed: int) -> None:
 
 
 models_under_test = st.tuples(
-    st.one_of(scratch_cnns(), st.just(C.ResNet18(arch="resnet18", weights="none"))), st.integers(2, 5), seeds
+    st.one_of(scratch_cnns(), st.just(C.ResNet(arch="resnet18", weights="none"))), st.integers(2, 5), seeds
 )
 
 

@@ -62,7 +62,7 @@ def test_batchnorm_in_eval_mode_ignores_the_rest_of_the_batch(cfg, batch):
     check_independent_of_batch(model, n, cfg.min_image_size + extra, seed)
 
 
-FROZEN = C.ResNet18(arch="resnet18", weights="none", freeze_backbone=True)
+FROZEN = C.ResNet(arch="resnet18", weights="none", freeze_backbone=True)
 
 
 @settings(max_examples=5)
@@ -81,7 +81,7 @@ def test_batch_independence_check_catches_batch_statistics():
     cfg = C.ScratchCNN(arch="scratch_cnn", channels=[3, 3], dropout=0.0, batch_norm=True)
     model = copy.deepcopy(built(cfg, 3)).double().train()
     falsify(lambda b: check_independent_of_batch(model, b[0], 4 + b[1], b[2]), batches)
-    unfrozen = C.ResNet18(arch="resnet18", weights="none", freeze_backbone=False)
+    unfrozen = C.ResNet(arch="resnet18", weights="none", freeze_backbone=False)
     model = copy.deepcopy(built(unfrozen, 3)).train()
     falsify(
         lambda b: check_independent_of_batch(model.backbone, b[0], 32, b[2], torch.float32), batches, max_examples=3

@@ -232,7 +232,7 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
     for name in ("best.safetensors", "last.safetensors"):
         tensors = load_file(run_dir / name)
         h = hashlib.sha256()
-        for key in sorted(k for k in tensors if k.startswith("model.")):
+        for key in sorted(k for k in tensors if k.startswith(("model.", "ema."))):
             h.update(key.encode() + tensors[key].numpy().tobytes())
         out[name] = h.hexdigest()
     out["metrics.json"] = (run_dir / "metrics.json").read_text()

@@ -5,12 +5,16 @@ decides the preprocessing."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import json
 import os
 
 import pytest
 import torch
 
-from imgcls import evaluate, predict
+from imgcls import calibrate, data, evaluate, predict
 from imgcls.errors import CheckpointError
 
 from .fixtures import experiment, make_split, train_tiny
@@ -131,3 +135,153 @@ def test_keys_that_do_not_change_predictions_may_differ(trained_run, monkeypatch
     trained = evaluate.load_for_inference(str(other), "runs/tiny/best.safetensors")
     _, logits, labels = evaluate.split_logits(trained, "val")
     assert len(logits) == len(labels) == 8 and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------- test-time augmentation
+
+
+def val_batch(trained: evaluate.Trained) -> torch.Tensor:
+    """The val images as evaluation feeds them: decoded, centre-cropped uint8 (N, C, H, W)."""
+    images = data.scan_split("val", trained.exp.data.val_dir, trained.classes)
+    decoded, _ = data.decode_split(images, trained.exp.data, progress=False)
+    return torch.cat([x for x, _ in data.split_loader(trained.exp, images, decoded)])
+
+
+def test_flip_tta_is_the_mean_of_the_logits_of_the_image_and_its_mirror(trained_run, monkeypatch):
+    """Averaged logits, not probabilities, of the crop and its horizontal mirror, bit for bit as two
+    plain passes give them, under bf16 autocast as under fp32."""
+    base, exp, _ = trained_run
+    monkeypatch.chdir(base)
+    trained = evaluate.load_for_inference(str(exp), "runs/tiny/best.safetensors")
+    x = val_batch(trained)
+    plain = evaluate.forward(trained.model, x, trained.inputs)
+    mirrored = evaluate.forward(trained.model, torch.flip(x, dims=[3]), trained.inputs)
+    flipped = evaluate.forward(trained.model, x, trained.inputs, "flip")
+    assert torch.equal(flipped, (plain + mirrored) / 2)
+    assert not torch.equal(flipped, plain)  # the mirror changes this model's answer: the check is not vacuous
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_predict_and_evaluate_give_the_same_logits_with_tta(trained_run, monkeypatch, tta):
+    """evaluate --tta and predict --tta answer through one forward pass: equal probabilities, and the
+    experiment's evaluate.tta is what both use without the flag."""
+    base, _, precision = trained_run
+    monkeypatch.chdir(base)
+    exp = experiment(base, {"train": {"precision": precision, "epochs": 1}, "data": {"eval_batch_size": 3},
+                            "evaluate": {"tta": tta}}, "tta.toml")
+    trained = evaluate.load_for_inference(str(exp), "runs/tiny/best.safetensors")
+    assert trained.tta == tta
+    paths, logits, _ = evaluate.split_logits(trained, "val")
+    results, errors = predict.classify(trained, paths, top_k=len(trained.classes))
+    assert not errors and all(r["tta"] == tta and r["temperature"] is None for r in results)
+    for row, result in zip(logits.softmax(1), results):
+        assert {t["class"]: t["probability"] for t in result["top"]} == {c: float(row[i]) for i, c in enumerate(trained.classes)}
+    other = {"none": "flip", "flip": "none"}[tta]
+    overridden = evaluate.load_for_inference(str(exp), "runs/tiny/best.safetensors", other)
+    assert overridden.tta == other
+    assert not torch.equal(evaluate.split_logits(overridden, "val")[1], logits)
+
+
+def test_the_tta_used_is_in_every_output(trained_run, monkeypatch, capsys):
+    base, exp, _ = trained_run
+    monkeypatch.chdir(base)
+    ckpt, image = "runs/tiny/best.safetensors", str(base / "data" / "val" / "cat" / "0.png")
+    for tta in ("none", "flip"):
+        assert evaluate.main([str(exp), ckpt, "--tta", tta, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["tta"] == tta
+        assert evaluate.main([str(exp), ckpt, "--tta", tta]) == 0
+        assert f"tta {tta}" in capsys.readouterr().out
+        assert predict.main([str(exp), ckpt, image, "--tta", tta, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["tta"] == tta
+        assert predict.main([str(exp), ckpt, image, "--tta", tta, "--csv"]) == 0
+        (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+        assert row["tta"] == tta and row["temperature"] == ""
+        assert predict.main([str(exp), ckpt, image, "--tta", tta]) == 0
+        assert capsys.readouterr().out.endswith(f"[tta {tta}, uncalibrated]\n")
+
+
+# --------------------------------------------------------------------------------- calibration
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("calibration")
+    exp = train_tiny(base, {"train": {"epochs": 2}})
+    return base, exp, base / "runs" / "tiny"
+
+
+def predicted(argv: list[str], capsys, warning: str | None = None) -> list[dict]:
+    assert predict.main([*argv, "--json", "--top-k", "2"]) == 0
+    out, err = capsys.readouterr()
+    if warning:
+        assert warning in err, err
+    else:
+        assert "warning" not in err, err
+    return json.loads(out)
+
+
+def test_calibrate_writes_its_file_and_predict_then_reports_calibrated_probabilities(calibrated_run, monkeypatch, capsys):
+    """The temperature fitted on val lowers (or keeps) the val NLL, changes predict's probabilities and
+    never its top class; predict, evaluate and the text output say T."""
+    base, exp, run_dir = calibrated_run
+    monkeypatch.chdir(base)
+    argv = [str(exp), str(run_dir / "best.safetensors"), "data/val"]
+    before = predicted(argv, capsys)
+    assert calibrate.main([str(run_dir)]) == 0
+    assert "calibrated: T=" in capsys.readouterr().out
+    saved = json.loads((run_dir / "calibration.json").read_text())
+    t = saved["temperature"]
+    assert saved["checkpoint"] == "best.safetensors" and saved["tta"] == "none" and saved["images"] == 8
+    assert saved["checkpoint_sha256"] == hashlib.sha256((run_dir / "best.safetensors").read_bytes()).hexdigest()
+    assert saved["nll_after"] <= saved["nll_before"] and abs(t - 1) > 1e-3
+
+    after = predicted(argv, capsys)
+    assert [r["top"][0]["class"] for r in after] == [r["top"][0]["class"] for r in before]
+    assert all(r["temperature"] == t and b["temperature"] is None for r, b in zip(after, before))
+    trained = evaluate.load_for_inference(str(exp), str(run_dir / "best.safetensors"))
+    _, logits, _ = evaluate.split_logits(trained, "val")
+    for r, b, row in zip(after, before, logits):
+        assert r["top"][0]["probability"] != b["top"][0]["probability"]
+        assert r["top"][0]["probability"] == pytest.approx(float((row / t).softmax(0).max()), abs=1e-6)
+    assert predict.main(argv[:2] + ["data/val/cat/0.png"]) == 0
+    assert f"calibrated: T={t:.4f}]" in capsys.readouterr().out
+    assert evaluate.main(argv[:2]) == 0
+    out = capsys.readouterr().out
+    assert f"calibrated: T={t:.4f}  ECE {saved['ece_before']:.4f} -> {saved['ece_after']:.4f}" in out
+
+
+def test_a_calibration_of_other_weights_or_another_tta_is_ignored_with_a_warning(calibrated_run, monkeypatch, capsys):
+    """calibration.json names the checkpoint file's SHA-256 and the TTA it was fitted with: for another
+    file (last beside best, or best retrained or replaced) or another TTA it is ignored, saying so on
+    stderr, and the probabilities are the uncalibrated ones; the command still succeeds."""
+    base, exp, run_dir = calibrated_run
+    monkeypatch.chdir(base)
+    assert calibrate.main([str(run_dir)]) == 0
+    capsys.readouterr()
+    for ckpt, flags, why in (
+        ("last.safetensors", [], "fitted for other weights (best.safetensors"),  # two epochs: last is not best
+        ("best.safetensors", ["--tta", "flip"], "fitted with tta = 'none', predicting with 'flip'"),
+    ):
+        results = predicted([str(exp), str(run_dir / ckpt), "data/val", *flags], capsys, warning=why)
+        assert all(r["temperature"] is None for r in results)
+    good = json.loads((run_dir / "calibration.json").read_text())
+    (run_dir / "calibration.json").write_text(json.dumps(good | {"checkpoint_sha256": "0" * 64}))
+    assert evaluate.main([str(exp), str(run_dir / "best.safetensors")]) == 0
+    out, err = capsys.readouterr()
+    assert "ignored: it was fitted for other weights" in err and "calibrated:" not in out
+
+
+def test_a_run_evaluates_val_with_its_tta_and_reports_ece_and_reliability(tmp_path, monkeypatch):
+    """evaluate.tta = "flip": the run's final val metrics are evaluate --tta flip's, metrics.json says
+    which TTA and holds the ECE of those logits, and the reliability diagram is in the folder."""
+    exp = train_tiny(tmp_path, {"train": {"epochs": 1}, "evaluate": {"tta": "flip"}})
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["tta"] == "flip"
+    flipped = evaluate.evaluate_checkpoint(str(exp), str(run_dir / "best.safetensors"), "val")
+    plain = evaluate.evaluate_checkpoint(str(exp), str(run_dir / "best.safetensors"), "val", tta="none")
+    assert flipped["tta"] == "flip" and plain["tta"] == "none"
+    assert metrics["val"]["loss"] == flipped["loss"] != plain["loss"]
+    assert metrics["val"]["ece"] == flipped["ece"] and 0 <= flipped["ece"] <= 1
+    assert (run_dir / "reliability_val.png").read_bytes().startswith(b"\x89PNG")

@@ -22,12 +22,12 @@ LAYERS = [
     {"errors"},
     {"config", "stats"},
     {"runtime", "checkpoint", "provenance", "decoding", "distributed"},
-    {"cache"},
+    {"cache", "calibration"},
     {"data", "models", "report", "datasets"},
     {"train"},
     {"evaluate"},
-    {"predict", "rundir", "page"},
-    {"run", "compare"},
+    {"predict", "rundir", "page", "calibrate"},
+    {"run", "compare", "export"},
     {"verify", "sweep"},
 ]
 

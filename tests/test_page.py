@@ -19,7 +19,7 @@ from imgcls.run import main as run_main
 from . import browser
 from .fixtures import cli, experiment, make_data
 
-SECTIONS = {"experiment", "data", "curves", "confusion", "per-class", "gallery", "provenance"}
+SECTIONS = {"experiment", "data", "curves", "confusion", "calibration", "per-class", "gallery", "provenance"}
 
 # Class folder names that would break a page written without escaping: "<!--" hides the rest of
 # the page, "<style>" and "<textarea>" swallow it, the quote and "<img" would add an element, the

@@ -91,7 +91,7 @@ def test_every_result_file_is_written_for_any_class_and_file_name(tmp_path_facto
     rows = list(csv.reader(io.StringIO(utf8(out / "predictions.csv"))))[1:]
     assert [row[:2] for row in rows] == [[report.text_safe(f), report.text_safe(c)] for f, c in zip(files, classes)]
 
-    results = [{"path": f, "top": [{"class": c, "probability": 0.5}]} for f, c in zip(files, classes)]
+    results = [{"path": f, "top": [{"class": c, "probability": 0.5}], "tta": "none", "temperature": None} for f, c in zip(files, classes)]
     for fmt in ("json", "csv", "text"):
         buf = io.StringIO()
         predict.write(results, fmt, buf)

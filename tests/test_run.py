@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,14 @@ from spec.strategies import experiments
 from imgcls.evaluate import load_for_inference, split_logits
 from imgcls.run import main as run_main
 
-from .fixtures import CLASSES, experiment, make_data, make_shapes_data, shapes_overrides
+from .fixtures import CLASSES, cli_env, experiment, make_data, make_shapes_data, shapes_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def imgcls(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    # cli_env: this checkout's imgcls, not whichever one the environment has installed.
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=cli_env())
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_run_directory_holds_every_result_file(finished_run):
     _, _, run_dir, _ = finished_run
     for name in (
         "config.toml", "metrics.json", "history.csv", "curves.png", "confusion_matrix_val.png",
-        "confusion_matrix_test.png", "classification_report.txt", "best.safetensors", "last.safetensors",
+        "confusion_matrix_test.png", "reliability_val.png", "reliability_test.png", "classification_report.txt", "best.safetensors", "last.safetensors",
         "manifest.json", "preflight.json", "timings.json", "predictions_val.csv", "predictions_test.csv", "report.html",
     ):
         assert (run_dir / name).is_file(), name
@@ -97,6 +99,7 @@ def test_evaluate_cli_reproduces_the_runs_test_metrics(finished_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert json.loads(result.stdout)["confusion_matrix"] == metrics["test"]["confusion_matrix"]
     assert json.loads(result.stdout)["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-6)
+    assert json.loads(result.stdout)["ece"] == pytest.approx(metrics["test"]["ece"], rel=1e-6)
 
 
 def test_predict_top_class_matches_evaluate_for_each_image(finished_run):
@@ -208,9 +211,14 @@ def test_two_runs_of_one_experiment_write_byte_identical_files(tmp_path, workers
 # ------------------------------------------------------------------- the schema accepts what runs
 
 
+# Same family, same code path, a fraction of the weights to initialise.
+SMALL_ARCH = {"resnet34": "resnet18", "resnet50": "resnet18", "mobilenet_v3_large": "mobilenet_v3_small",
+              "convnext_tiny": "efficientnet_b0"}
+
+
 def runnable(drawn: dict) -> dict:
     """A drawn experiment shrunk to seconds: tiny images, batches, widths and one epoch (two with a
-    warm-up, cut to one epoch), on the CPU, with no weights to download, and class weights renamed
+    warm-up, cut to one epoch), on the CPU, with no weights to download, small archs, and class weights renamed
     to the tiny data's classes. Every other value (seed, augment parameters, optimizer, schedule,
     precision, ...) is kept as drawn: those are what must either run or be refused by the schema."""
     exp = copy.deepcopy(drawn)
@@ -225,7 +233,8 @@ def runnable(drawn: dict) -> dict:
     if data.get("decode_workers") not in (None, "auto"):
         data["decode_workers"] = min(data["decode_workers"], 2)
     model = exp["model"]
-    if model["arch"] == "resnet18":
+    if model["arch"] != "scratch_cnn":  # the smallest arch of each kind: every field but the arch is kept
+        model["arch"] = SMALL_ARCH.get(model["arch"], model["arch"])
         model["weights"] = "none"
     else:
         model["channels"] = [min(c, 8) for c in model.get("channels", [8, 8])][:3]
@@ -263,3 +272,90 @@ def test_every_experiment_the_schema_accepts_runs_or_is_refused_cleanly(tmp_path
         assert "Traceback" not in str(e)
         return
     assert results["val"]["images"] == 4
+
+
+# ------------------------------------------------------------------------------------ --smoke
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder below folder, with each file's SHA-256: what a smoke run must not change."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
+
+
+def offline_env(torch_home: Path) -> dict[str, str]:
+    """An empty torch hub cache, and downloads refused at once, whatever this machine can reach."""
+    from .fixtures import cli_env
+
+    refused = "http://127.0.0.1:9"
+    return cli_env(TORCH_HOME=str(torch_home), https_proxy=refused, http_proxy=refused, HTTPS_PROXY=refused, HTTP_PROXY=refused)
+
+
+def smoke_cli(exp: Path, cwd: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    import time
+
+    begun = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "imgcls.run", str(exp), "--smoke"], capture_output=True, text=True,
+                            cwd=cwd, env=env, timeout=300, check=False)
+    return result, time.monotonic() - begun
+
+
+def test_smoke_runs_the_whole_path_in_a_folder_it_removes_and_changes_nothing(tmp_path):
+    make_data(tmp_path, train=6, val=6)
+    exp = experiment(tmp_path, {"train": {"epochs": 30}, "scheduler": {"warmup_epochs": 2}})
+    (tmp_path / "runs" / "older").mkdir(parents=True)
+    (tmp_path / "runs" / "older" / "metrics.json").write_text("{}")
+    cache = Path(os.environ["HOME"]) / ".cache" / "imgcls"  # the default data.cache_dir
+    before = snapshot(tmp_path) | snapshot(cache)
+
+    result, seconds = smoke_cli(exp, tmp_path, offline_env(tmp_path / "torch"))
+
+    assert result.returncode == 0, result.stderr
+    assert snapshot(tmp_path) | snapshot(cache) == before  # output.root, the data and the decoded cache
+    assert "epoch 1/1" in result.stderr and "train: 8 images" in result.stderr and "val: 8 images" in result.stderr, result.stderr
+    written = result.stdout.split("wrote ")[1].splitlines()[0].split(", ")
+    assert {"report.html", "metrics.json", "best.safetensors", "predictions_val.csv", "manifest.json"} <= set(written)
+    assert "smoke: predict data/val/cat/0.png: " in result.stdout, result.stdout
+    folder = result.stdout.split("its folder ")[1].split()[0]
+    assert folder.startswith(tempfile.gettempdir()) and not os.path.exists(folder)
+    assert seconds < 60, seconds
+
+
+def test_the_smoke_copy_is_the_experiment_on_the_first_images_for_one_epoch(tmp_path, monkeypatch):
+    make_data(tmp_path, train=6, val=5)
+    monkeypatch.chdir(tmp_path)
+    exp = config.load(experiment(tmp_path, {"scheduler": {"warmup_epochs": 2}}))
+    small = run.smoke_experiment(exp, tmp_path / "smoke")
+    assert (small.train.epochs, small.scheduler.warmup_epochs) == (1, 0)
+    assert small.output.root == str(tmp_path / "smoke" / "runs") and small.data.cache_dir == str(tmp_path / "smoke" / "cache")
+    for split, count in (("train", 6), ("val", 5)):
+        root = Path(getattr(small.data, f"{split}_dir"))
+        for cls in CLASSES:
+            links = sorted(p.name for p in (root / cls).iterdir())
+            assert links == sorted(sorted(f"{i}.png" for i in range(count))[: run.SMOKE_IMAGES])
+            assert all((root / cls / name).resolve() == (tmp_path / "data" / split / cls / name).resolve() for name in links)
+    unchanged = ("train", "data", "output", "scheduler")
+    assert small.model_dump(exclude=set(unchanged)) == exp.model_dump(exclude=set(unchanged))
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "experiments").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_smoke_of_each_shipped_experiment(path, tmp_path):
+    """On generated shapes in place of the groceries photos; ImageNet weights cannot be had offline,
+    and those runs stop with the message that says where to put them."""
+    data = make_shapes_data(tmp_path)
+    tree = config.read(path)
+    tree["data"] |= {"train_dir": str(data / "train"), "val_dir": str(data / "val"), "test_dir": str(data / "test")}
+    exp = tmp_path / path.name
+    exp.write_text(config.to_toml(config.validate(tree)))
+    result, seconds = smoke_cli(exp, tmp_path, offline_env(tmp_path / "torch"))
+    if tree["model"].get("weights") == "imagenet":
+        assert result.returncode == 2, result.stderr
+        assert "needs torchvision's ResNet18 weights" in result.stderr and str(tmp_path / "torch") in result.stderr
+        assert "Traceback" not in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "smoke: predict" in result.stdout
+    assert not (tmp_path / "runs").exists()
+    assert seconds < 60, seconds

@@ -447,7 +447,7 @@ def test_a_local_weights_file_is_recorded_by_its_hash(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(3)}, weights)
-    identity = models.weights_identity(config.ResNet18(arch="resnet18", weights=str(weights)))
+    identity = models.weights_identity(config.ResNet(arch="resnet18", weights=str(weights)))
     assert identity == {"source": "file", "path": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
 
 

@@ -4,6 +4,7 @@ weights and the balanced sampler are what they claim, and a run using them resum
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 
@@ -15,9 +16,10 @@ from hypothesis import strategies as st
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from imgcls import config, data, evaluate, models, run, train
+from imgcls import checkpoint, config, data, evaluate, models, run, runtime, train
+from imgcls.errors import ConfigError
 
-from .fixtures import experiment, fingerprint, make_cue_data, make_data
+from .fixtures import experiment, fingerprint, make_cue_data, make_data, train_tiny
 
 
 # ------------------------------------------------------------------------------ feature cache
@@ -26,13 +28,14 @@ from .fixtures import experiment, fingerprint, make_cue_data, make_data
 FROZEN = {"arch": "resnet18", "weights": "none", "freeze_backbone": True}
 
 
-def _fit_head(tmp_path, augment: list, feature_cache: bool, epochs: int = 2):
-    """Two epochs of run()'s own pieces (no checkpoints): the head's weights, val logits, cache used."""
+def _fit_head(tmp_path, augment: list, feature_cache: bool, epochs: int = 2, ema_decay: float | None = None):
+    """Two epochs of run()'s own pieces (no checkpoints): the head's weights, the val logits of what
+    validation judges (the weight average, with ema_decay), cache used."""
     exp = config.validate({
         "name": "head", "device": "cpu", "augment": augment, "model": FROZEN,
         "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"), "image_size": 32,
                  "batch_size": 4, "eval_batch_size": 8},
-        "train": {"feature_cache": feature_cache},
+        "train": {"feature_cache": feature_cache, "ema_decay": ema_decay},
     })
     cpu = torch.device("cpu")
     dataset = data.prepare(exp.data, progress=False)
@@ -45,8 +48,9 @@ def _fit_head(tmp_path, augment: list, feature_cache: bool, epochs: int = 2):
     feed = train.build_feed(exp, model, loaders, cpu)
     for epoch in range(1, epochs + 1):
         train.train_one_epoch(feed, opt, epoch, progress=False)
-    logits, _ = evaluate.logits_of(feed.net, feed.loaders["val"], feed.inputs)
-    return initial, model.state_dict(), logits, feed.feature_cache
+    logits, _ = evaluate.logits_of(feed.judged(opt), feed.loaders["val"], feed.inputs)
+    state = model.state_dict() if opt.ema is None else opt.ema.model.state_dict()
+    return initial, state, logits, feed.feature_cache
 
 
 def test_feature_cache_trains_the_same_head(tmp_path):
@@ -65,11 +69,49 @@ def test_feature_cache_trains_the_same_head(tmp_path):
     torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_the_weight_average_of_a_cached_head_is_the_uncached_runs_and_keeps_the_backbone(tmp_path):
+    """train.ema_decay with the feature cache: validation judges the average's head on the cached
+    features, as the uncached run judges the whole averaged model; the average's backbone is the
+    frozen backbone, bit for bit."""
+    make_cue_data(tmp_path)
+    _, cached, cached_logits, used = _fit_head(tmp_path, [], feature_cache=True, ema_decay=0.5)
+    _, plain, plain_logits, plain_used = _fit_head(tmp_path, [], feature_cache=False, ema_decay=0.5)
+    *_, raw_logits, _ = _fit_head(tmp_path, [], feature_cache=True)
+    assert used and not plain_used
+    torch.manual_seed(0)  # as _fit_head: the backbone it started from
+    start = models.build(config.ResNet(**FROZEN), 3, torch.device("cpu"), True).state_dict()
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert all(torch.equal(cached[k], start[k]) and torch.equal(plain[k], start[k]) for k in backbone)
+    torch.testing.assert_close(cached["head.weight"], plain["head.weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(cached_logits, raw_logits), "validation did not judge the average"
+
+
 def test_feature_cache_needs_a_deterministic_pipeline(tmp_path):
     """With augmentation the cache would be inexact, so the backbone runs every epoch instead."""
     make_cue_data(tmp_path, per_class=2)
     *_, used = _fit_head(tmp_path, [{"op": "horizontal_flip"}], feature_cache=True, epochs=1)
     assert not used
+
+
+def test_test_time_augmentation_runs_the_whole_model_on_images_where_features_are_cached(tmp_path):
+    """Cached features are those of the unmirrored crop: with tta = "flip" the run's final evaluation
+    takes the whole model over the images, the mean of the logits of each image and its mirror."""
+    make_cue_data(tmp_path, per_class=2)
+    exp = config.validate({
+        "name": "head", "device": "cpu", "model": FROZEN,
+        "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"), "image_size": 32},
+    })
+    cpu = torch.device("cpu")
+    dataset = data.prepare(exp.data, progress=False)
+    model = models.build(exp.model, len(dataset.classes), cpu, exp.train.channels_last)
+    feed = train.build_feed(exp, model, data.build_loaders(exp, dataset), cpu)
+    assert feed.feature_cache and feed.evaluation("none") == (feed.net, feed.loaders, feed.inputs)
+    net, loaders, inputs = feed.evaluation("flip")
+    logits, _ = evaluate.logits_of(net, loaders["val"], inputs, "flip")
+    images = torch.cat([x for x, _ in feed.image_loaders["val"]])
+    by_hand = evaluate.forward(model, images, feed.image_inputs) + evaluate.forward(model, images.flip(-1), feed.image_inputs)
+    torch.testing.assert_close(logits, by_hand / 2, rtol=1e-4, atol=1e-5)  # batches differ only in grouping
 
 
 # ------------------------------------------------------------------ case 19: non-finite numbers
@@ -187,3 +229,117 @@ def test_a_resumed_run_with_balanced_sampling_and_weights_is_bit_identical(tmp_p
                 run.run(exp, resume=i > 0, progress=False, stop_after=stop)
         prints.append(fingerprint(base / "runs" / "tiny"))
     assert prints[0] == prints[1]
+
+
+# ------------------------------------------------------------------- fp16, clipping, weight average
+
+
+def _opt(model: nn.Module, clip: float | None = None, ema_decay: float | None = None, lr: float = 0.1) -> train.Optimization:
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ema = None if ema_decay is None else train.Ema(model, ema_decay)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train.Optimization(nn.CrossEntropyLoss(), optimizer, train.Schedule(None, False), scaler, clip, ema)
+
+
+def _scratch(seed: int) -> models.Classifier:
+    torch.manual_seed(seed)
+    return models.build_model(config.ScratchCNN(arch="scratch_cnn", channels=[4], hidden=8, batch_norm=True), 3)
+
+
+def test_fp16_on_the_cpu_is_refused_naming_the_key_before_any_image_is_decoded(tmp_path, monkeypatch):
+    make_data(tmp_path)
+    with pytest.raises(ConfigError, match='train.precision = "fp16".*"bf16".*"fp32"'):
+        config.load(experiment(tmp_path, {"train": {"precision": "fp16"}}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    exp = config.load(experiment(tmp_path, {"device": "auto", "train": {"precision": "fp16"}}))
+    monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("images were decoded"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match='train.precision = "fp16".*"bf16".*"fp32"'):
+        run.run(exp, progress=False)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match="train.precision"):
+        runtime.resolve_device("auto", "fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 trains on CUDA only")
+def test_fp16_trains_on_cuda_with_a_gradient_scaler_that_resumes(tmp_path):
+    train_tiny(tmp_path, {"device": "cuda", "train": {"precision": "fp16", "epochs": 2}})
+    saved = checkpoint.load(tmp_path / "runs" / "tiny" / "last.safetensors")
+    assert "scaler" in str(saved.meta["resume"])  # the scale and its growth counter travel with the run
+    assert math.isfinite(json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["val"]["loss"])
+
+
+@given(seed=st.integers(0, 2**16), max_norm=st.floats(1e-4, 10), scale=st.floats(1e-3, 1e3))
+def test_clipping_bounds_the_global_gradient_norm_and_leaves_smaller_ones_alone(seed, max_norm, scale):
+    """clip_grad_norm: after the step, the trainable parameters' gradients have global L2 norm
+    min(norm, max_norm) and their direction unchanged."""
+    model = _scratch(seed)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * scale
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])) * scale
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()], retain_graph=True)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    train.optimizer_step(model, _opt(model, clip=max_norm, lr=0.0), loss)
+    clipped = [p.grad for p in model.parameters()]
+    clipped_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped]))
+    assert clipped_norm <= max_norm * (1 + 1e-4)
+    # abs_tol: torch divides by norm + 1e-6, which shortens a clipped norm by at most 1e-6.
+    assert math.isclose(clipped_norm, min(norm, max_norm), rel_tol=1e-4, abs_tol=2e-6)
+    ratio = clipped_norm / norm
+    assert all(torch.allclose(c, g * ratio, rtol=1e-4, atol=1e-12) for c, g in zip(clipped, grads))
+
+
+@given(seed=st.integers(0, 2**16), decay=st.floats(0.01, 0.999), steps=st.integers(1, 5))
+def test_the_average_after_k_steps_is_the_closed_form_sum(seed, decay, steps):
+    """ema_k = decay**k * w_0 + sum_i (1 - decay) * decay**(k - i) * w_i over every floating-point
+    tensor (BatchNorm statistics too); the batch counter is copied."""
+    model = _scratch(seed).train()
+    opt = _opt(model, ema_decay=decay)
+    states = [{k: v.double().clone() for k, v in model.state_dict().items()}]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(torch.rand(4, 3, 8, 8, generator=generator)), torch.tensor([0, 1, 2, 0]))
+        train.optimizer_step(model, opt, loss)
+        states.append({k: v.double().clone() for k, v in model.state_dict().items()})
+    for key, ema in opt.ema.model.state_dict().items():
+        if not ema.is_floating_point():
+            assert torch.equal(ema, model.state_dict()[key])
+            continue
+        closed = decay**steps * states[0][key] + sum((1 - decay) * decay ** (steps - i) * states[i][key] for i in range(1, steps + 1))
+        assert torch.allclose(ema.double(), closed, rtol=1e-5, atol=1e-6), key
+
+
+@given(value=st.floats(-1e30, 1e30, allow_subnormal=True), decay=st.floats(1e-6, 1 - 1e-6))
+def test_the_average_of_a_tensor_that_never_changes_is_that_tensor_bit_for_bit(value, decay):
+    """A frozen backbone's average stays its weights exactly (lerp, not decay * a + (1 - decay) * a)."""
+    model = nn.Linear(1, 3)
+    with torch.no_grad():
+        model.weight.fill_(value)
+    ema = train.Ema(model, decay)
+    for _ in range(3):
+        ema.update(model)
+    assert torch.equal(ema.model.weight, model.weight)
+
+
+def test_a_resumed_run_with_a_weight_average_is_bit_identical_and_predicts_with_the_average(tmp_path):
+    """train.ema_decay: a run stopped after epoch 1 and resumed ends with the uninterrupted run's bits
+    (weights and their average); best holds both, and evaluation loads the average."""
+    overrides = {"train": {"ema_decay": 0.7, "epochs": 2, "clip_grad_norm": 0.5}}
+    prints = []
+    for name, stops in (("whole", [None]), ("resumed", [1, None])):
+        base = tmp_path / name
+        make_data(base)
+        exp = config.load(experiment(base, overrides))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(base)
+            for i, stop in enumerate(stops):
+                run.run(exp, resume=i > 0, progress=False, stop_after=stop)
+        prints.append(fingerprint(base / "runs" / "tiny"))
+    assert prints[0] == prints[1]
+    run_dir = tmp_path / "whole" / "runs" / "tiny"
+    best = checkpoint.load(run_dir / "best.safetensors")
+    assert best.ema.keys() == best.model.keys()
+    assert any(not torch.equal(best.ema[k], best.model[k]) for k in best.model)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path / "whole")
+        trained = evaluate.load_for_inference(str(run_dir / "config.toml"), str(run_dir / "best.safetensors"))
+    assert all(torch.equal(v, best.ema[k]) for k, v in trained.model.state_dict().items())
