@@ -179,17 +179,38 @@ def shapes_overrides(data: Path, out: Path, epochs: int = 3, num_workers: int = 
 
 def train_tiny(base: Path, overrides: dict[str, Any] | None = None) -> Path:
     """Make the tiny data set under base, run its experiment in-process there; returns the experiment path."""
-    from imgcls import config, run
-
     make_data(base)
     exp_path = experiment(base, overrides)
+    run_in(base, exp_path)
+    return exp_path
+
+
+def run_in(base: Path, exp_path: Path, stops: tuple[int | None, ...] = (None,)) -> None:
+    """Run an experiment in-process from base (its relative paths start there): one run.run per stop,
+    each ending after that many epochs (None: the end), every one after the first a --resume."""
+    from imgcls import config, run
+
+    exp = config.load(exp_path)
     cwd = os.getcwd()
-    os.chdir(base)  # the experiment's relative paths start at base
+    os.chdir(base)
     try:
-        run.run(config.load(exp_path), progress=False)
+        for i, stop in enumerate(stops):
+            run.run(exp, resume=i > 0, progress=False, stop_after=stop)
     finally:
         os.chdir(cwd)
-    return exp_path
+
+
+def whole_and_resumed(tmp_path: Path, overrides: dict[str, Any], prepare=lambda base: None) -> list[dict[str, Any]]:
+    """Fingerprints of the tiny experiment run whole and run to epoch 1 then resumed, each on its
+    own copy of the tiny data (`prepare` may change a copy first): an exact resume gives two equal."""
+    prints = []
+    for name, stops in (("whole", (None,)), ("resumed", (1, None))):
+        base = tmp_path / name
+        make_data(base)
+        prepare(base)
+        run_in(base, experiment(base, overrides), stops)
+        prints.append(fingerprint(base / "runs" / "tiny"))
+    return prints
 
 
 # ------------------------------------------------------------------ the command line

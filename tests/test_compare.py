@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from fractions import Fraction
 from html.parser import HTMLParser
@@ -17,12 +16,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from imgcls import compare, config, page, run, stats
+from imgcls import compare, page, stats
 from imgcls.report import display_name
 from imgcls.rundir import FileChange
 
 from . import browser
-from .fixtures import CLASSES, cli, experiment, image_array, make_data
+from .fixtures import CLASSES, cli, experiment, image_array, make_data, run_in
 
 VAL = 12  # val images per class: enough for two runs to disagree on some
 
@@ -31,12 +30,7 @@ def train(base: Path, name: str, overrides: dict | None = None) -> Path:
     """Run the tiny experiment (two epochs) under base as `name`; returns its run directory."""
     overrides = overrides or {}
     path = experiment(base, {"name": name, **overrides, "train": {"epochs": 2, **overrides.get("train", {})}}, f"{name}.toml")
-    cwd = os.getcwd()
-    os.chdir(base)  # the experiment's relative paths start at base
-    try:
-        run.run(config.load(path), progress=False)
-    finally:
-        os.chdir(cwd)
+    run_in(base, path)
     return base / "runs" / name
 
 

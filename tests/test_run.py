@@ -352,7 +352,7 @@ def test_smoke_of_each_shipped_experiment(path, tmp_path):
     result, seconds = smoke_cli(exp, tmp_path, offline_env(tmp_path / "torch"))
     if tree["model"].get("weights") == "imagenet":
         assert result.returncode == 2, result.stderr
-        assert "needs torchvision's ResNet18 weights" in result.stderr and str(tmp_path / "torch") in result.stderr
+        assert "needs torchvision's resnet18 weights" in result.stderr and str(tmp_path / "torch") in result.stderr
         assert "Traceback" not in result.stderr
     else:
         assert result.returncode == 0, result.stderr

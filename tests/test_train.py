@@ -19,7 +19,7 @@ from torch import nn
 from imgcls import checkpoint, config, data, evaluate, models, run, runtime, train
 from imgcls.errors import ConfigError
 
-from .fixtures import experiment, fingerprint, make_cue_data, make_data, train_tiny
+from .fixtures import experiment, make_cue_data, make_data, train_tiny, whole_and_resumed
 
 
 # ------------------------------------------------------------------------------ feature cache
@@ -216,19 +216,13 @@ def test_a_resumed_run_with_balanced_sampling_and_weights_is_bit_identical(tmp_p
     """An imbalanced tiny run (8 cat, 3 dog) stopped after epoch 1 and resumed ends with the bits of
     the uninterrupted run: the draws depend on (seed, epoch) only, and the warm-up's state resumes."""
     overrides = {"data": {"sampler": "balanced"}, "train": {"class_weights": "balanced", "epochs": 2}, "scheduler": scheduler}
-    prints = []
-    for name, stops in (("whole", [None]), ("resumed", [1, None])):
-        base = tmp_path / name
-        make_data(base)
+
+    def three_dogs(base):
         for extra in sorted((base / "data" / "train" / "dog").iterdir())[3:]:
             extra.unlink()
-        exp = config.load(experiment(base, overrides))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(base)
-            for i, stop in enumerate(stops):
-                run.run(exp, resume=i > 0, progress=False, stop_after=stop)
-        prints.append(fingerprint(base / "runs" / "tiny"))
-    assert prints[0] == prints[1]
+
+    whole, resumed = whole_and_resumed(tmp_path, overrides, three_dogs)
+    assert whole == resumed
 
 
 # ------------------------------------------------------------------- fp16, clipping, weight average
@@ -324,17 +318,8 @@ def test_a_resumed_run_with_a_weight_average_is_bit_identical_and_predicts_with_
     """train.ema_decay: a run stopped after epoch 1 and resumed ends with the uninterrupted run's bits
     (weights and their average); best holds both, and evaluation loads the average."""
     overrides = {"train": {"ema_decay": 0.7, "epochs": 2, "clip_grad_norm": 0.5}}
-    prints = []
-    for name, stops in (("whole", [None]), ("resumed", [1, None])):
-        base = tmp_path / name
-        make_data(base)
-        exp = config.load(experiment(base, overrides))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(base)
-            for i, stop in enumerate(stops):
-                run.run(exp, resume=i > 0, progress=False, stop_after=stop)
-        prints.append(fingerprint(base / "runs" / "tiny"))
-    assert prints[0] == prints[1]
+    whole, resumed = whole_and_resumed(tmp_path, overrides)
+    assert whole == resumed
     run_dir = tmp_path / "whole" / "runs" / "tiny"
     best = checkpoint.load(run_dir / "best.safetensors")
     assert best.ema.keys() == best.model.keys()
