@@ -9,69 +9,35 @@ minutes at full size; --quick shrinks every comparison to a smoke test of a few 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 
 from bench.common import machine
 
+# name -> (what it compares, "module:function"); each function takes (quick, rounds) and returns
+# its figures. Modules are imported only when their comparison runs: some import torch, some sklearn.
 COMPARISONS = {
-    "g1": "loop efficiency: imgcls's training epoch and validation vs the bare model",
-    "g2": "whole runs: imgcls vs the template's loop on the groceries photos",
-    "g3": "time to accuracy: scratch CNN on Fashion-MNIST",
-    "g4": "prediction over a folder vs bare forward; cold start vs importing torch",
-    "g5": "compute efficiency: bare ResNet18 training vs the conv roof",
-    "allocator": "train.allocator: retain vs system, bare scratch CNN in fresh processes",
-    "augment": "random crop + flip: imgcls's keyed ops on a batch vs transforms v2 per image",
-    "cache": "decoded cache: peak RSS at N and 4N images, cold vs warm preflight, 2 vs 1 decode processes",
-    "distributed": "torchrun, 2 processes (gloo) vs 1 process: steady epoch time, and how closely the runs agree",
-    "zero_init": "model.zero_init_residual: ResNet18 from scratch on the groceries photos, with and without, 3 seeds",
+    "g1": ("loop efficiency: imgcls's training epoch and validation vs the bare model", "bench.loop:g1"),
+    "g2": ("whole runs: imgcls vs the template's loop on the groceries photos", "bench.template:g2"),
+    "g3": ("time to accuracy: scratch CNN on Fashion-MNIST", "bench.fashion:g3"),
+    "g4": ("prediction over a folder vs bare forward; cold start vs importing torch", "bench.predict:g4"),
+    "g5": ("compute efficiency: bare ResNet18 training vs the conv roof", "bench.loop:g5"),
+    "allocator": ("train.allocator: retain vs system, bare scratch CNN in fresh processes", "bench.allocator:compare"),
+    "augment": ("random crop + flip: imgcls's keyed ops on a batch vs transforms v2 per image", "bench.augment:compare"),
+    "cache": ("decoded cache: peak RSS at N and 4N images, cold vs warm preflight, 2 vs 1 decode processes",
+              "bench.cache:measure"),
+    "distributed": ("torchrun, 2 processes (gloo) vs 1 process: steady epoch time, and how closely the runs agree",
+                    "bench.distributed:compare"),
+    "zero_init": ("model.zero_init_residual: ResNet18 from scratch on the groceries photos, with and without, 3 seeds",
+                  "bench.zero_init:compare"),
 }
 
 
 def run_one(name: str, quick: bool, rounds: int) -> dict:
-    match name:
-        case "g1":
-            from bench.loop import g1
-
-            return g1(quick, rounds)
-        case "g2":
-            from bench.template import g2
-
-            return g2(quick, rounds)
-        case "g3":
-            from bench.fashion import run
-
-            return run(quick)
-        case "g4":
-            from bench.predict import g4
-
-            return g4(quick, rounds)
-        case "g5":
-            from bench.loop import g5
-
-            return g5(quick, rounds)
-        case "allocator":
-            from bench.allocator import compare
-
-            return compare(quick, rounds)
-        case "augment":
-            from bench.augment import compare as augment
-
-            return augment(quick, rounds)
-        case "cache":
-            from bench.cache import measure
-
-            return measure(quick, rounds)
-        case "distributed":
-            from bench.distributed import compare as distributed
-
-            return distributed(quick, rounds)
-        case "zero_init":
-            from bench.zero_init import compare as zero_init
-
-            return zero_init(quick, rounds)
-    raise AssertionError(name)
+    module, function = COMPARISONS[name][1].split(":")
+    return getattr(importlib.import_module(module), function)(quick, rounds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_allocator("retain")  # imgcls's default, and the same for both sides of every comparison
     results: dict = {"machine": machine(), "quick": args.quick, "rounds": rounds}
     for name in args.names or list(COMPARISONS):
-        print(f"[bench] {name}: {COMPARISONS[name]} ...", file=sys.stderr, flush=True)
+        print(f"[bench] {name}: {COMPARISONS[name][0]} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         results[name] = run_one(name, args.quick, rounds)
         results[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
