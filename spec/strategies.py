@@ -215,6 +215,7 @@ SECTION_FIELDS: dict[type, dict[str, Any]] = {
         "ema_decay": number(0, 1, exclude_lo=True, exclude_hi=True),
         "feature_cache": st.booleans(),
         "allocator": st.sampled_from(["retain", "system"]),
+        "sync_batchnorm": st.sampled_from(["auto", True, False]),
     },
     C.EarlyStopping: {
         "monitor": st.sampled_from(["val_loss", "val_acc"]),
