@@ -10,6 +10,7 @@ exactly the bits the uninterrupted one would have had.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -40,8 +41,8 @@ def claim(exp: config.Experiment, resume: bool) -> Iterator[Path]:
     """The run directory, locked for this process's life, once its reuse rules allow it.
 
     One folder, one writer: a second run of the same name, or a --resume while the run is still
-    going, is refused naming the first. The lock is an flock, which the OS drops when the process
-    dies, so a kill -9 never leaves a stale lock.
+    going, is refused naming the first. The OS drops the lock when the process dies, so a kill -9
+    never leaves a stale lock (see `lock`).
     """
     run_dir = Path(exp.output.root) / exp.name
     created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
@@ -52,8 +53,10 @@ def claim(exp: config.Experiment, resume: bool) -> Iterator[Path]:
         raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror})") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            lock(fd)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise UserError(f"{run_dir}: cannot lock the run folder ({e.strerror})") from None
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             raise UserError(f"{run_dir} is in use by {holder}; wait for it to end, or give this run another `name`") from None
         os.ftruncate(fd, 0)
@@ -66,6 +69,15 @@ def claim(exp: config.Experiment, resume: bool) -> Iterator[Path]:
             for folder in created:
                 folder.rmdir()
         os.close(fd)  # releases the lock; the file stays, harmless, for the next run to lock
+
+
+def lock(fd: int) -> None:
+    """Lock the open file exclusively for this process, or raise OSError (EACCES/EAGAIN) if another
+    holds it. A POSIX record lock, not an flock: an flock is shared with every forked child, so a
+    killed run's loader or decode workers, alive for seconds after it, kept its folder locked and
+    refused the --resume; a record lock belongs to this process alone and dies with it. (Closing
+    any descriptor of the file in this process would drop it too: only `claim` opens it.)"""
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _check_reuse(run_dir: Path, exp: config.Experiment, resume: bool) -> None:

@@ -455,12 +455,27 @@ def test_a_local_weights_file_is_recorded_by_its_hash(tmp_path):
 
 
 HOLD_LOCK = """
-import fcntl, os, sys, time
+import os, sys, time
+from imgcls import rundir
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
+rundir.lock(fd)
 os.pwrite(fd, f"process {os.getpid()} on testhost\\n".encode(), 0)
 print("locked", flush=True)
 time.sleep(60)
+"""
+
+# The holder forks a child (as a loader or decode worker is) and is then killed; the child lives on.
+HOLD_FORK_DIE = """
+import os, signal, sys, time
+from imgcls import rundir
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+rundir.lock(fd)
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
@@ -471,7 +486,8 @@ def test_a_run_folder_in_use_is_refused_naming_its_holder_and_freed_by_kill_9(tm
     if resume:
         crash_run(base, "busy", resume=False, where=before_checkpoint("last.safetensors", 2))
     run_dir.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / rundir.LOCK)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / rundir.LOCK)], stdout=subprocess.PIPE, text=True,
+                              env=cli_env())
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = sorted(p.name for p in run_dir.iterdir())
@@ -483,6 +499,25 @@ def test_a_run_folder_in_use_is_refused_naming_its_holder_and_freed_by_kill_9(tm
         holder.wait()
     start(base, "busy", resume=resume)
     assert (run_dir / "metrics.json").exists()
+
+
+def test_a_killed_runs_lingering_child_does_not_hold_its_folder(tmp_path):
+    """A run killed with kill -9 leaves its loader workers alive for a few seconds; the folder's lock
+    died with the run, so the --resume that follows at once is not refused (an flock, shared with
+    forked children, refused it)."""
+    base = make_data(tmp_path)
+    run_dir = base / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.run([sys.executable, "-c", HOLD_FORK_DIE, str(run_dir / rundir.LOCK)], capture_output=True,
+                            text=True, env=cli_env(), timeout=120)
+    assert holder.returncode == -signal.SIGKILL, holder.stderr
+    child = int(holder.stdout.strip())
+    try:
+        os.kill(child, 0)  # still alive: it inherited the lock file's descriptor
+        start(base, "busy", resume=False)
+        assert (run_dir / "metrics.json").exists()
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------- resume never destroys progress
