@@ -72,7 +72,8 @@ def groceries() -> Path:
     target = ROOT / "data" / "groceries"
     if (target / "train").is_dir():
         return target
-    subprocess.run([PYTHON, "-m", "imgcls.datasets", "groceries", str(target)], check=True, cwd=ROOT)
+    # Its summary line goes to stderr: a comparison's stdout is its JSON alone.
+    subprocess.run([PYTHON, "-m", "imgcls.datasets", "groceries", str(target)], check=True, cwd=ROOT, stdout=sys.stderr)
     return target
 
 
