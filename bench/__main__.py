@@ -1,4 +1,4 @@
-"""`python -m bench [g1 g2 g3 g4 g5 allocator augment cache distributed zero_init] [--quick] [--rounds N]
+"""`python -m bench [g1 g2 g3 g4 g5 allocator augment cache distributed gpu workers zero_init] [--quick] [--rounds N]
 [--json FILE]`
 
 Each comparison runs its contenders interleaved (A, B, A, B, ...) and reports medians, their
@@ -25,11 +25,13 @@ COMPARISONS = {
     "g4": ("prediction over a folder vs bare forward; cold start vs importing torch", "bench.predict:g4"),
     "g5": ("compute efficiency: bare ResNet18 training vs the conv roof", "bench.loop:g5"),
     "allocator": ("train.allocator: retain vs system, bare scratch CNN in fresh processes", "bench.allocator:compare"),
-    "augment": ("random crop + flip: imgcls's keyed ops on a batch vs transforms v2 per image", "bench.augment:compare"),
+    "augment": ("crop + flip: the keyed ops' per-image form vs their batched form vs transforms v2, one CPU thread", "bench.augment:compare"),
     "cache": ("decoded cache: peak RSS at N and 4N images, cold vs warm preflight, 2 vs 1 decode processes",
               "bench.cache:measure"),
     "distributed": ("torchrun, 2 processes (gloo) vs 1 process: steady epoch time, and how closely the runs agree",
                     "bench.distributed:compare"),
+    "gpu": ("CUDA only: G1 on the GPU (bf16, batch 256) and the keyed ops' batched form there", "bench.gpu:compare"),
+    "workers": ("data.num_workers: imgcls's training epoch with 0, 1 and 2 loader workers", "bench.workers:compare"),
     "zero_init": ("model.zero_init_residual: ResNet18 from scratch on the groceries photos, with and without, 3 seeds",
                   "bench.zero_init:compare"),
 }
@@ -57,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_allocator("retain")  # imgcls's default, and the same for both sides of every comparison
     results: dict = {"machine": machine(), "quick": args.quick, "rounds": rounds}
-    for name in args.names or list(COMPARISONS):
+    import torch
+
+    every = [n for n in COMPARISONS if n != "gpu" or torch.cuda.is_available()]  # "all" means what this machine can run
+    for name in args.names or every:
         print(f"[bench] {name}: {COMPARISONS[name][0]} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         results[name] = run_one(name, args.quick, rounds)

@@ -78,17 +78,18 @@ def groceries() -> Path:
 
 
 def machine() -> dict[str, Any]:
+    """What every figure ran on: bits and speeds differ between CPUs with and without AVX-512 (BF16)."""
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from imgcls.provenance import cpu_info
+
+    cpu = cpu_info()
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu,
+        "cpu": cpu["model"],
+        "cpu_flags": cpu["flags"],
+        "torch_cpu_capability": cpu["capability"],
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -28,14 +28,15 @@ AUGMENT = [{"op": "random_resized_crop", "scale": [0.35, 1.0]}, {"op": "horizont
 BATCH, EVAL_BATCH = 32, 128
 
 
-def experiment(model: dict, size: int, precision: str, root) -> config.Experiment:
+def experiment(model: dict, size: int, precision: str, root, augment: list[dict] = AUGMENT, num_workers: int = 0,
+               device: str = "cpu", batch: int = BATCH) -> config.Experiment:
     return config.validate(
         {
             "name": "bench",
-            "device": "cpu",
+            "device": device,
             "data": {"train_dir": f"{root}/train", "val_dir": f"{root}/val", "image_size": size,
-                     "batch_size": BATCH, "eval_batch_size": EVAL_BATCH},
-            "augment": AUGMENT,
+                     "batch_size": batch, "eval_batch_size": EVAL_BATCH, "num_workers": num_workers},
+            "augment": augment,
             "model": model,
             "train": {"precision": precision},
         }
@@ -45,11 +46,12 @@ def experiment(model: dict, size: int, precision: str, root) -> config.Experimen
 class Contest:
     """One model and precision, set up twice: inside imgcls, and bare on a fixed tensor."""
 
-    def __init__(self, name: str, precision: str, n_train: int, n_val: int):
+    def __init__(self, name: str, precision: str, n_train: int, n_val: int, augment: list[dict] = AUGMENT,
+                 num_workers: int = 0, device: str = "cpu", batch: int = BATCH):
         model_cfg, size, jpeg = MODELS[name]
         root = generated_folder(f"{name.replace('@', '_')}_{n_train}", 4, {"train": n_train // 4, "val": n_val // 4}, jpeg)
-        self.exp = exp = experiment(model_cfg, size, precision, root)
-        self.device = torch.device("cpu")
+        self.exp = exp = experiment(model_cfg, size, precision, root, augment, num_workers, device, batch)
+        self.device, self.batch = torch.device(device), batch
         torch.manual_seed(0)
         self.dataset = data.prepare(exp.data, progress=False)
         self.model = models.build(exp.model, 4, self.device, exp.train.channels_last)
@@ -63,10 +65,11 @@ class Contest:
         fmt = torch.channels_last if exp.train.channels_last else torch.contiguous_format
         self.bare = models.build(exp.model, 4, self.device, exp.train.channels_last)
         self.bare_optimizer = train.build_optimizer(exp.optimizer, self.bare.parameters())
-        self.x = torch.randn(BATCH, 3, size, size).to(memory_format=fmt)
-        self.y = torch.randint(0, 4, (BATCH,))
-        self.x_eval = torch.randn(EVAL_BATCH, 3, size, size).to(memory_format=fmt)
-        self.n_train = len(self.loaders["train"]) * BATCH
+        # The bare side's one resident batch (on the device: nothing crosses the bus per step).
+        self.x = torch.randn(batch, 3, size, size, device=self.device).to(memory_format=fmt)
+        self.y = torch.randint(0, 4, (batch,), device=self.device)
+        self.x_eval = torch.randn(EVAL_BATCH, 3, size, size, device=self.device).to(memory_format=fmt)
+        self.n_train = len(self.loaders["train"]) * batch
         self.n_val = len(self.dataset.splits["val"].paths)
 
     def imgcls_epoch(self) -> float:
@@ -85,10 +88,11 @@ class Contest:
             self.bare_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.bare_optimizer.step()
-        return steps * BATCH / (time.perf_counter() - start)
+        _sync(self.device)
+        return steps * self.batch / (time.perf_counter() - start)
 
     def imgcls_eval(self) -> float:
-        seconds, _ = _timed(lambda: evaluate.logits_of(self.model, self.loaders["val"], self.feed.inputs))
+        seconds, _ = _timed(lambda: (evaluate.logits_of(self.model, self.loaders["val"], self.feed.inputs), _sync(self.device)))
         return self.n_val / seconds
 
     def bare_eval(self) -> float:
@@ -98,7 +102,13 @@ class Contest:
         with torch.inference_mode(), runtime.autocast(self.device, self.exp.train.precision):
             for _ in range(batches):
                 self.bare(self.x_eval).float()
+        _sync(self.device)
         return batches * EVAL_BATCH / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _timed(fn) -> tuple[float, Any]:

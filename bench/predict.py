@@ -10,7 +10,7 @@ import torch
 
 from bench.common import CACHE, PYTHON, ROOT, env_for_subprocess, generated_folder, interleaved, ratio
 from bench.loop import MODELS, experiment
-from imgcls import config, data, decoding, evaluate, models, predict, train
+from imgcls import augment, config, data, decoding, evaluate, models, predict, train
 from imgcls.rundir import RunDir
 
 
@@ -32,7 +32,7 @@ def folder(name: str, quick: bool, rounds: int) -> dict[str, Any]:
     exp_path, ckpt_path = _checkpoint(name, root)
     loaded = evaluate.load_for_inference(exp_path, ckpt_path)
     paths, _ = predict.expand([f"{root}/val"])
-    transform = data.eval_transform(loaded.exp.data.image_size)
+    transform = augment.eval_transform(loaded.exp.data.image_size)
     batch = loaded.exp.data.eval_batch_size
     crops = [transform(decoding.decode(p, loaded.exp.data.resize_size)) for p in paths]
     ready = [loaded.inputs.prepare(torch.stack(crops[i : i + batch])) for i in range(0, len(crops), batch)]

@@ -1,10 +1,10 @@
 """Data: class folders -> checked, decoded uint8 images -> augmented, normalised batches.
 
 Each image is decoded once, upright and RGB, with its shorter side resized to `resize_size`
-(torchvision's Resize(256) convention), and kept as a uint8 tensor. Augmentations then run on
-those tensors: per image with transforms v2, or, for crops and flips of equal-sized images, on
-the whole stacked batch at once. A sample's augmentation randomness is a pure function of
-(seed, epoch, index), so worker count, caching and prefetching cannot change a run's bits.
+(torchvision's Resize(256) convention), and kept as a uint8 tensor (in the decoded cache).
+Augmentations (imgcls.augment) then run on those tensors. A sample's augmentation randomness is
+a pure function of (seed, epoch, index), so worker count, caching, prefetching and where the
+augmentation runs cannot change a run's bits.
 """
 
 from __future__ import annotations
@@ -12,16 +12,15 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 from typing_extensions import assert_never
 
 from imgcls import config as C
-from imgcls import cache, distributed, provenance, runtime
+from imgcls import augment, cache, distributed, provenance, runtime
 from imgcls.errors import DataError
 
 # torchvision's ImageFolder extensions.
@@ -125,132 +124,7 @@ def unlisted(others: Counter) -> str:
     )
 
 
-# ------------------------------------------------------------------------------------ transforms
-
-
-def build_augment(ops: list[C.Augment], image_size: int) -> v2.Compose:
-    """The training pipeline: the experiment's ops in order, then a centre crop to image_size.
-
-    The final crop is a no-op after a crop op and makes any other list end at the model's size.
-    """
-    transforms = [_augment_op(op, image_size) for op in ops]
-    return v2.Compose([*transforms, v2.CenterCrop(image_size)])
-
-
-def _augment_op(op: C.Augment, image_size: int) -> v2.Transform:
-    match op:
-        case C.RandomResizedCrop():
-            return v2.RandomResizedCrop(image_size, scale=tuple(op.scale), ratio=tuple(op.ratio), antialias=True)
-        case C.RandomCrop():
-            return v2.RandomCrop(image_size, padding=op.padding or None, padding_mode=op.padding_mode, pad_if_needed=True)
-        case C.Resize():
-            return v2.Resize(op.size, antialias=True)
-        case C.HorizontalFlip():
-            return v2.RandomHorizontalFlip(op.p)
-        case C.VerticalFlip():
-            return v2.RandomVerticalFlip(op.p)
-        case C.Rotation():
-            return v2.RandomRotation(op.degrees)
-        case C.ColorJitter():
-            return v2.ColorJitter(op.brightness, op.contrast, op.saturation, op.hue)
-        case C.Grayscale():
-            return v2.RandomGrayscale(op.p)
-        case C.GaussianBlur():
-            return v2.GaussianBlur(op.kernel_size, sigma=tuple(op.sigma))
-        case C.TrivialAugment():
-            return v2.TrivialAugmentWide(num_magnitude_bins=op.num_magnitude_bins)
-        case C.RandAugment():
-            return v2.RandAugment(num_ops=op.num_ops, magnitude=op.magnitude)
-        case C.RandomErasing():
-            return v2.RandomErasing(op.p, scale=tuple(op.scale), ratio=tuple(op.ratio))
-        case _:
-            assert_never(op)
-
-
-def eval_transform(image_size: int) -> v2.CenterCrop:
-    """Deterministic: the decoded image (shorter side resize_size) centre-cropped to image_size."""
-    return v2.CenterCrop(image_size)
-
-
-# Ops a batch of equal-sized images can take at once. transforms v2 costs ~0.19 ms an image in
-# Python dispatch for crop + flip at 28x28, a quarter of the scratch CNN's training step there;
-# on a stacked batch the same ops are three tensor calls.
-BATCHED_OPS = (C.RandomCrop, C.HorizontalFlip, C.VerticalFlip)
-
-
-@dataclass(frozen=True)
-class BatchAugment:
-    """The augment list (then a centre crop to image_size) applied to a batch of uint8 images
-    (3, H, W) of any sizes, giving one stacked (N, 3, image_size, image_size) batch.
-
-    Each image's parameters are drawn by `sample_uniforms` from (seed, epoch, index), and each op
-    works image by image, so every image gets the same pixels in any batch, alone or not, of any
-    mix of sizes. The draws are made once per batch: that, not stacking, is what saves time.
-    """
-
-    ops: tuple[C.Augment, ...]
-    image_size: int
-
-    def __call__(self, images: Sequence[torch.Tensor], seed: int, epoch: int, indices: list[int]) -> torch.Tensor:
-        images = list(images)
-        for position, op in enumerate(self.ops):
-            u = [sample_uniforms(seed, epoch, indices, 1 + 2 * position + j) for j in range(2)]
-            match op:
-                case C.RandomCrop():
-                    images = _random_crops(images, op, self.image_size, u[0], u[1])
-                case C.HorizontalFlip():
-                    images = _flip_where(images, u[0] < op.p, -1)
-                case C.VerticalFlip():
-                    images = _flip_where(images, u[0] < op.p, -2)
-                case _:
-                    raise AssertionError(f"{op.op} is not in BATCHED_OPS")
-        return torch.stack([v2.functional.center_crop(im, [self.image_size, self.image_size]) for im in images])
-
-
-def _random_crops(images: list[torch.Tensor], op: C.RandomCrop, size: int, u_top: torch.Tensor, u_left: torch.Tensor) -> list[torch.Tensor]:
-    """torchvision's RandomCrop(size, padding, pad_if_needed=True) with each image's own window.
-
-    A window that lies inside the unpadded image is sliced from it; only an image whose window
-    reaches into the padding is padded. (Padding a whole stacked batch copied every image first,
-    and a gather of the windows cost 3x the crop itself at 224 pixels.)
-    """
-    windows = []
-    for image, ut, ul in zip(images, u_top.tolist(), u_left.tolist()):
-        h, w = image.shape[-2:]
-        # pad_if_needed grows a side still short after the padding by the shortfall at both ends, as torchvision.
-        short_h, short_w = max(size - h - 2 * op.padding, 0), max(size - w - 2 * op.padding, 0)
-        off_h, off_w = op.padding + short_h, op.padding + short_w  # where the image starts in the padded frame
-        top, left = int(ut * (h + 2 * off_h - size + 1)), int(ul * (w + 2 * off_w - size + 1))
-        if off_h <= top <= off_h + h - size and off_w <= left <= off_w + w - size:
-            windows.append(image[:, top - off_h : top - off_h + size, left - off_w : left - off_w + size])
-        else:
-            windows.append(_padded(image, op, short_h, short_w)[:, top : top + size, left : left + size])
-    return windows
-
-
-def _padded(image: torch.Tensor, op: C.RandomCrop, short_h: int, short_w: int) -> torch.Tensor:
-    """The padded frame RandomCrop draws its window from: `padding`, then pad_if_needed's shortfall."""
-    if op.padding:
-        image = v2.functional.pad(image, [op.padding], padding_mode=op.padding_mode)
-    if short_h or short_w:
-        image = v2.functional.pad(image, [short_w, short_h], padding_mode=op.padding_mode)
-    return image
-
-
-def _flip_where(images: list[torch.Tensor], flip: torch.Tensor, dim: int) -> list[torch.Tensor]:
-    # Image by image: torch.flip of a whole stacked uint8 batch (or torch.where over it) took 20x as
-    # long per image as flipping the images one at a time, at 224 pixels.
-    return [image.flip(dim) if f else image for image, f in zip(images, flip.tolist())]
-
-
-def split_transform(ops: list[C.Augment], image_size: int) -> v2.Compose | BatchAugment:
-    """The keyed ops (BatchAugment) when every op has that form; else transforms v2 per image.
-
-    Decided by the ops alone, never by the images' sizes: a BatchAugment takes any mix of sizes.
-    """
-    if all(isinstance(op, BATCHED_OPS) for op in ops):
-        return BatchAugment(tuple(ops), image_size)
-    return build_augment(ops, image_size)
+# ------------------------------------------------------------------------------------ normalising
 
 
 def normalization(cfg: C.DataConfig) -> tuple[list[float], list[float]]:
@@ -281,7 +155,9 @@ class Normalize(torch.nn.Module):
         self.register_buffer("shift", -(torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | augment.Planned) -> torch.Tensor:
+        if isinstance(x, augment.Planned):  # the batched form's keyed ops, finished here on the device
+            x = x.render(self.scale.device)
         # Two passes over the batch instead of four: the layout change rides on the uint8 -> float
         # conversion, and scale and shift are one multiply-add.
         x = x.to(self.scale.device, non_blocking=True)
@@ -293,56 +169,52 @@ class Normalize(torch.nn.Module):
 # ------------------------------------------------------------------------------ datasets, loaders
 
 
-# splitmix64's increments and finaliser: every (seed, epoch, index, stream) gets its own well-mixed 64 bits.
-_SEED, _EPOCH, _INDEX, _STREAM = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _keys(seed: int, epoch: int, indices: list[int], stream: int) -> np.ndarray:
-    base = np.uint64((seed * _SEED + epoch * _EPOCH + stream * _STREAM) % 2**64)
-    return _mix(base + np.asarray(indices, dtype=np.uint64) * np.uint64(_INDEX))  # uint64 arrays wrap mod 2**64
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed per (seed, epoch, index): seeds the per-image (transforms v2) path."""
-    return int(_keys(seed, epoch, [index % 2**64], 0)[0]) >> 1
-
-
-def sample_uniforms(seed: int, epoch: int, indices: list[int], stream: int) -> torch.Tensor:
-    """One float64 in [0, 1) per index, a pure function of (seed, epoch, index, stream): the batched path's draws."""
-    return torch.from_numpy((_keys(seed, epoch, indices, stream) >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+# How a split's images are augmented; recorded in the run's report. The keyed ops' two forms give
+# the same pixels, so between those two this is a choice of speed, never of result.
+Form = Literal["keyed ops, per image", "keyed ops, batched on the device", "transforms v2, per image"]
 
 
 class ImageSet(Dataset):
     """Items are keyed by (epoch, key) so a sample's randomness never depends on who loads it.
 
     The key picks the randomness; key % len(self) picks the image (keys past the end are repeats
-    of an image within an epoch, see EpochBatches).
+    of an image within an epoch, see EpochBatches). In the batched form a batch comes out as
+    (augment.Planned, labels), finished on the device by Normalize.
     """
 
-    def __init__(self, split: Split, images: Sequence[torch.Tensor], transform: v2.Transform | BatchAugment, seed: int):
-        self.split, self.images, self.transform, self.seed = split, images, transform, seed
+    def __init__(self, split: Split, images: Sequence[torch.Tensor], transform: v2.Transform | augment.BatchAugment,
+                 seed: int, batched: bool = False):
+        assert not batched or isinstance(transform, augment.BatchAugment) and transform.batchable
+        self.split, self.images, self.transform, self.seed, self.batched = split, images, transform, seed, batched
+
+    @property
+    def form(self) -> Form:
+        if not isinstance(self.transform, augment.BatchAugment):
+            return "transforms v2, per image"
+        return "keyed ops, batched on the device" if self.batched else "keyed ops, per image"
 
     def __len__(self) -> int:
         return len(self.split.paths)
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
-        """A whole batch (the DataLoader's batched fetch): one call of a BatchAugment, or per image."""
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]] | tuple[augment.Planned, torch.Tensor]:
+        """A whole batch (the DataLoader's batched fetch): the keyed ops' draws are made once for it."""
         epochs, indices = zip(*keys)
         images = [self.images[i % len(self)] for i in indices]
         labels = [self.split.labels[i % len(self)] for i in indices]
-        if isinstance(self.transform, BatchAugment):
+        if isinstance(self.transform, augment.BatchAugment):
             assert len(set(epochs)) == 1, "a batch comes from one epoch"
+            if self.batched:
+                return self.transform.planned(images, self.seed, epochs[0], list(indices)), torch.tensor(labels)
             return list(zip(self.transform(images, self.seed, epochs[0], list(indices)).unbind(0), labels))
         return [(self._augment(im, e, i), label) for im, e, i, label in zip(images, epochs, indices, labels)]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        return self.__getitems__([key])[0]
+        """One sample, in the per-image form (the batched form gives the same pixels)."""
+        epoch, index = key
+        image, label = self.images[index % len(self)], self.split.labels[index % len(self)]
+        if isinstance(self.transform, augment.BatchAugment):
+            return self.transform([image], self.seed, epoch, [index])[0], label
+        return self._augment(image, epoch, index), label
 
     def _augment(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         # Only the CPU generator (the one transforms v2 draw from) is seeded and restored:
@@ -350,10 +222,15 @@ class ImageSet(Dataset):
         # which cost more than the augmentation itself.
         outer = torch.default_generator.get_state()
         try:
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(augment.sample_seed(self.seed, epoch, index))
             return self.transform(image)
         finally:
             torch.default_generator.set_state(outer)
+
+
+def collate(batch: list | tuple) -> Any:
+    """default_collate, except for a batch the dataset assembled itself (the batched form)."""
+    return batch if isinstance(batch, tuple) else default_collate(batch)
 
 
 class FeatureSet(Dataset):
@@ -405,10 +282,10 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
             case "in_order":
                 return list(range(self.n))
             case "shuffle":
-                g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+                g = torch.Generator().manual_seed(augment.sample_seed(self.seed, self.epoch, -1))
                 return torch.randperm(self.n, generator=g).tolist()
             case "balanced":  # stream -2: never the same draws as the permutation of the same epoch
-                return balanced_keys(self.labels, sample_seed(self.seed, self.epoch, -2))
+                return balanced_keys(self.labels, augment.sample_seed(self.seed, self.epoch, -2))
             case _:
                 assert_never(self.order)
 
@@ -479,6 +356,7 @@ def make_loader(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),  # seeds worker base seeds; augmentation ignores them
         persistent_workers=num_workers > 0,
+        collate_fn=collate,
         pin_memory=pin,  # page-locked batches copy to a GPU without blocking (Inputs sends them non_blocking)
     )
 
@@ -506,22 +384,28 @@ def split_loader(
     exp: C.Experiment, split: Split, images: Sequence[torch.Tensor], world: distributed.World = distributed.World()
 ) -> DataLoader:
     is_train = split.name == "train"
-    transform = split_transform(exp.augment if is_train else [], exp.data.image_size)
+    transform = augment.split_transform(exp.augment if is_train else [], exp.data.image_size)
     batch = exp.data.batch_size if is_train else exp.data.eval_batch_size
     order = exp.data.sampler if is_train else "in_order"
-    pin = runtime.resolve_device(exp.device, exp.train.precision).type == "cuda"
-    dataset = ImageSet(split, images, transform, exp.seed)
-    return make_loader(dataset, batch, order, exp.data.num_workers, exp.seed, pin, world)
+    device = runtime.resolve_device(exp.device, exp.train.precision)
+    dataset = ImageSet(split, images, transform, exp.seed, batched_form(transform, device, is_train))
+    return make_loader(dataset, batch, order, exp.data.num_workers, exp.seed, device.type == "cuda", world)
 
 
-def transform_paths(loaders: dict[str, DataLoader]) -> dict[str, str]:
-    """Which ops augment each split: imgcls's keyed crops and flips ("batched": a batch is stacked when
-    its images share one size) or transforms v2 per image. They draw differently, so runs record it;
-    it follows from the augment list alone, never from the images' sizes."""
-    return {
-        name: "batched" if isinstance(loader.dataset.transform, BatchAugment) else "per_image"
-        for name, loader in loaders.items()
-    }
+def batched_form(transform: v2.Transform | augment.BatchAugment, device: torch.device, is_train: bool) -> bool:
+    """Whether a split's keyed ops run in their batched form, on the device; else per image, in the loader.
+
+    Where each is cheaper: on CPU cores torch's per-image uint8 resize (~0.75 ms an image at 224,
+    one core) beats the batched form's float64 matmuls ~90x; a GPU does those in microseconds and
+    frees the loader's workers. Evaluation's centre crop is a slice either way, so it stays per image.
+    """
+    keyed = isinstance(transform, augment.BatchAugment) and transform.batchable
+    return keyed and is_train and device.type == "cuda"
+
+
+def transform_paths(loaders: dict[str, DataLoader]) -> dict[str, Form]:
+    """How each split is augmented (ImageSet.form); runs record it."""
+    return {name: loader.dataset.form for name, loader in loaders.items()}
 
 
 # ------------------------------------------------------------------------------------- preflight

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 import torch
 
-from imgcls import config, data, decoding, evaluate, report
+from imgcls import augment, config, data, decoding, evaluate, report
 from imgcls.errors import CheckpointError, DataError, guarded, optional_import
 
 
@@ -76,7 +76,7 @@ def classify(trained: evaluate.Trained, paths: list[str], top_k: int) -> tuple[l
 
 def classify_with(predictor: Predictor, paths: list[str], top_k: int) -> tuple[list[dict], list[str]]:
     """`classify` for any predictor: a checkpoint's model or an exported ONNX file."""
-    transform = data.eval_transform(predictor.image_size)
+    transform = augment.eval_transform(predictor.image_size)
     results, errors = [], []
     batch_paths, batch = [], []
 

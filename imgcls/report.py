@@ -246,7 +246,7 @@ def print_preflight(rep: dict[str, Any]) -> None:
         lines.append(
             f"{name}: {split['images']} images"
             + (f", {skipped} non-image files skipped" if skipped else "")
-            + (f", {how.replace('_', '-')} transforms" if how else "")
+            + (f", {how}" if how else "")
         )
     lines += [f"skipped unreadable: {b}" for b in rep["bad_images"]]
     lines += [f"warning: {w}" for w in rep["warnings"]]

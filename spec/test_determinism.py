@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgcls import data, run
+from imgcls import augment, run
 
 from .support import run_outputs, tiny_experiment
 
@@ -44,6 +44,6 @@ def test_seeded_runs_are_bit_identical_with_0_and_2_workers(tiny_data, tmp_path,
 def test_determinism_check_catches_augmentation_seeded_by_the_process(tiny_data, tmp_path, no_plots, monkeypatch):
     """Broken variant: augmentation randomness drawn from the loading process's RNG instead of (seed, epoch,
     index). Each worker is seeded differently from the main process, so 0 and 2 workers train differently."""
-    monkeypatch.setattr(data, "sample_seed", lambda seed, epoch, index: torch.initial_seed() + epoch * 1000 + index)
+    monkeypatch.setattr(augment, "sample_seed", lambda seed, epoch, index: torch.initial_seed() + epoch * 1000 + index)
     with pytest.raises(AssertionError, match="weights differ"):
         check_identical(seeded_run(tiny_data, tmp_path, "w0", 0), seeded_run(tiny_data, tmp_path, "w2", 2))

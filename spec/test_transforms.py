@@ -11,6 +11,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from imgcls import augment
 from imgcls import config as C
 from imgcls import data
 from imgcls.errors import ConfigError
@@ -61,13 +62,13 @@ def check_eval_deterministic(make_transform, d: dict) -> None:
 def test_eval_transform_is_deterministic(d):
     """Every eval transform is deterministic: the centre crop gives the same pixels in every epoch and
     under every global RNG state."""
-    check_eval_deterministic(data.eval_transform, d)
+    check_eval_deterministic(augment.eval_transform, d)
 
 
 def test_eval_check_catches_an_augmentation_used_for_evaluation():
     """Broken variant: a training pipeline (random crop, flip) used as the eval transform."""
     ops = [C.RandomResizedCrop(op="random_resized_crop"), C.HorizontalFlip(op="horizontal_flip")]
-    falsify(lambda d: check_eval_deterministic(lambda size: data.build_augment(ops, size), d), decoded())
+    falsify(lambda d: check_eval_deterministic(lambda size: augment.build_augment(ops, size), d), decoded())
 
 
 # ----------------------------------------------------------------------------------- train
@@ -141,7 +142,7 @@ WORKS = [
 def test_every_train_augmentation_keeps_shape_dtype_and_label(args):
     """Every train augmentation keeps shape, dtype and label: after any list of schema ops, a sample is a
     (3, image_size, image_size) uint8 image with its own label."""
-    check_augment_keeps_shape_dtype_label(data.build_augment, *args)
+    check_augment_keeps_shape_dtype_label(augment.build_augment, *args)
 
 
 def test_augment_check_catches_a_pipeline_without_final_crop_or_with_float_output():
@@ -149,10 +150,10 @@ def test_augment_check_catches_a_pipeline_without_final_crop_or_with_float_outpu
     from torchvision.transforms import v2
 
     def no_crop(ops, size):
-        return v2.Compose([data._augment_op(op, size) for op in ops])
+        return v2.Compose([augment._augment_op(op, size) for op in ops])
 
     def to_float(ops, size):
-        return v2.Compose([data.build_augment(ops, size), v2.ToDtype(torch.float32, scale=True)])
+        return v2.Compose([augment.build_augment(ops, size), v2.ToDtype(torch.float32, scale=True)])
 
     falsify(lambda args: check_augment_keeps_shape_dtype_label(no_crop, *args), pipelines)
     falsify(lambda args: check_augment_keeps_shape_dtype_label(to_float, *args), pipelines)
@@ -168,7 +169,7 @@ def test_schema_refuses_the_pipelines_torchvision_cannot_run(args):
     unchecked = [op_class[op["op"]].model_construct(**op) for op in ops]  # model_construct skips validation
     image = decoded_image(d["resize_size"], d["longer"], d["portrait"], d["seed"])
     with pytest.raises((RuntimeError, IndexError)):
-        data.build_augment(unchecked, d["image_size"])(image)
+        augment.build_augment(unchecked, d["image_size"])(image)
 
 
 @pytest.mark.parametrize("args", WORKS)
@@ -176,21 +177,21 @@ def test_schema_accepts_the_pipelines_at_the_limit(args):
     """One step short of each refused case, the schema accepts the pipeline and it runs."""
     d, ops, label, epoch = args
     experiment(d, ops)
-    check_augment_keeps_shape_dtype_label(data.build_augment, d, ops, label, epoch)
+    check_augment_keeps_shape_dtype_label(augment.build_augment, d, ops, label, epoch)
 
 
 # --------------------------------------------------------------------------------- batched
 
-BATCHED_FIELDS = {cls: fields for cls, fields in RUNNABLE_AUGMENT_FIELDS.items() if issubclass(cls, data.BATCHED_OPS)}
+BATCHED_FIELDS = {cls: fields for cls, fields in RUNNABLE_AUGMENT_FIELDS.items() if issubclass(cls, augment.KEYED_OPS)}
 batched_pipelines = st.tuples(
     decoded(), st.lists(augment_ops(BATCHED_FIELDS), max_size=3), st.integers(0, 9), st.integers(1, 50)
 )
 
 
 @given(batched_pipelines)
-def test_batched_augmentation_keeps_shape_dtype_and_label(args):
-    """The batched path (random_crop, flips on a stacked batch) keeps shape, dtype and label too."""
-    check_augment_keeps_shape_dtype_label(data.BatchAugment, *args)
+def test_keyed_augmentation_keeps_shape_dtype_and_label(args):
+    """The keyed ops (random_resized_crop, random_crop, flips; their draws made per batch) keep shape, dtype and label too."""
+    check_augment_keeps_shape_dtype_label(augment.BatchAugment, *args)
 
 
 def check_batch_is_each_image_alone(augment, d: dict, ops: list[dict], epoch: int, n: int) -> None:
@@ -214,13 +215,13 @@ batches = st.tuples(decoded(), st.lists(augment_ops(BATCHED_FIELDS), min_size=1,
 
 @given(batches)
 def test_a_batched_sample_does_not_depend_on_its_batch(args):
-    check_batch_is_each_image_alone(data.BatchAugment, *args)
+    check_batch_is_each_image_alone(augment.BatchAugment, *args)
 
 
 def test_batch_check_catches_draws_keyed_by_place_in_batch():
     """Broken variant: each sample's draws keyed by its position in the batch instead of its index."""
 
-    class ByPosition(data.BatchAugment):
+    class ByPosition(augment.BatchAugment):
         def __call__(self, images, seed, epoch, indices):
             return super().__call__(images, seed, epoch, list(range(len(indices))))
 
@@ -233,7 +234,7 @@ def check_crop_is_a_window(crop, padding: int, mode: str, size: int, extra: int,
 
     image = torch.randint(0, 256, (3, size + extra, size + extra), dtype=torch.uint8, generator=generator(seed))
     op = C.RandomCrop(op="random_crop", padding=padding, padding_mode=mode)
-    outs = crop(image.expand(8, -1, -1, -1), op, size, *(data.sample_uniforms(seed, 1, list(range(8)), s) for s in (1, 2)))
+    outs = crop(image.expand(8, -1, -1, -1), op, size, *(augment.sample_uniforms(seed, 1, list(range(8)), s) for s in (1, 2)))
     padded = v2.functional.pad(image, [padding], padding_mode=mode) if padding else image
     windows = padded.unfold(1, size, 1).unfold(2, size, 1)  # (3, rows, cols, size, size)
     for out in outs:
@@ -256,7 +257,11 @@ crops = st.tuples(
 @given(crops)
 @example((4, "reflect", 5, 0, 0))  # the widest reflect padding a 5-px side allows
 def test_batched_random_crop_takes_windows_of_the_padded_image(args):
-    check_crop_is_a_window(data._random_crops, *args)
+    check_crop_is_a_window(keyed_random_crops, *args)
+
+
+def keyed_random_crops(images, op, size, u_top, u_left):
+    return [augment.render(im, augment._random_crop(op, size, *im.shape[-2:], (t, l))) for im, t, l in zip(images, u_top.tolist(), u_left.tolist())]
 
 
 def test_window_check_catches_a_resize_instead_of_a_crop():
@@ -285,13 +290,139 @@ flip_rates = st.tuples(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]) | st.floats(0,
 
 @given(flip_rates)
 def test_batched_flip_happens_at_rate_p(args):
-    check_flip_rate(data.BatchAugment, *args)
+    check_flip_rate(augment.BatchAugment, *args)
 
 
 def test_flip_rate_check_catches_a_flip_that_ignores_p():
-    class HalfTheTime(data.BatchAugment):
+    class HalfTheTime(augment.BatchAugment):
         def __call__(self, images, seed, epoch, indices):
             ops = tuple(op.model_copy(update={"p": 0.5}) for op in self.ops)
-            return data.BatchAugment(ops, self.image_size)(images, seed, epoch, indices)
+            return augment.BatchAugment(ops, self.image_size)(images, seed, epoch, indices)
 
     falsify(lambda args: check_flip_rate(HalfTheTime, *args), flip_rates)
+
+
+# ------------------------------------------------------------ the keyed ops' two forms
+
+def check_forms_agree(render_batched, d: dict, ops: list[dict], epoch: int, n: int) -> None:
+    """The keyed ops' batched form (integer weight matrices on a padded stack, picked on a GPU) gives
+    the per-image form's pixels (slices, pads, flips, torch's uint8 resize), for any mix of sizes."""
+    try:
+        exp = experiment(d, ops)
+    except ConfigError:
+        return
+    keyed = augment.BatchAugment(tuple(exp.augment), d["image_size"])
+    if not keyed.batchable:
+        return
+    images = [decoded_image(d["resize_size"], d["longer"] + 3 * i, d["portrait"] ^ (i % 2 == 1), d["seed"] + i) for i in range(n)]
+    indices = [7 * i + 1 for i in range(n)]
+    per_image = keyed(images, d["seed"], epoch, indices)
+    batched = render_batched(keyed.planned(images, d["seed"], epoch, indices))
+    assert batched.dtype == torch.uint8 and torch.equal(per_image, batched), (per_image.int() - batched.int()).abs().max()
+
+
+@st.composite
+def larger(draw) -> dict:
+    """Sizes where a resize weighs several pixels a tap (downscaling by up to ~4x) or upscales."""
+    image_size = draw(st.integers(4, 40))
+    resize_size = draw(st.integers(image_size, 4 * image_size))
+    return {"image_size": image_size, "resize_size": resize_size, "longer": draw(st.integers(resize_size, resize_size + 60)),
+            "portrait": draw(st.booleans()), "seed": draw(seeds)}
+
+
+two_forms = st.tuples(larger(), st.lists(augment_ops(BATCHED_FIELDS), max_size=3), st.integers(0, 9), st.integers(1, 4))
+
+
+@given(two_forms)
+@example(({"image_size": 24, "resize_size": 90, "longer": 130, "portrait": True, "seed": 3},
+          [{"op": "random_resized_crop", "scale": [0.9, 1.0]}, {"op": "horizontal_flip", "p": 1.0}], 2, 3))
+@example(({"image_size": 16, "resize_size": 16, "longer": 20, "portrait": False, "seed": 1},
+          [{"op": "random_crop", "padding": 5, "padding_mode": "reflect"}, {"op": "random_resized_crop"}], 0, 2))
+def test_the_keyed_ops_two_forms_give_identical_batches(args):
+    check_forms_agree(lambda planned: planned.render(torch.device("cpu")), *args)
+
+
+def test_forms_check_catches_a_batched_form_that_resizes_rows_first():
+    """Broken variant: the batched form's two passes in the other order (rows, then columns): each
+    pass rounds to uint8, so the order shows in the last bit wherever both axes are resized."""
+
+    def rows_first(planned):
+        x = planned.pixels.double()
+        n, _, height, width = x.shape
+        cols, rows = augment._dense(planned.cols, width, x.device), augment._dense(planned.rows, height, x.device)
+        shifts = planned.shifts.double()
+        x = augment._rounded(rows.unsqueeze(1) @ x, shifts[:, 0])
+        return augment._rounded(x @ cols.transpose(1, 2).unsqueeze(1), shifts[:, 1]).to(torch.uint8)
+
+    resized = st.tuples(larger(), st.just([{"op": "random_resized_crop"}]), st.integers(0, 9), st.integers(1, 4))
+    falsify(lambda args: check_forms_agree(rows_first, *args), resized)
+
+
+def check_resize_weights(weights, n_in: int, n_out: int, rows: int, seed: int) -> None:
+    """Integer weights and shift reproduce torch's uint8 antialiased bilinear resize of one axis exactly."""
+    from torchvision.transforms import v2
+
+    image = torch.randint(0, 256, (3, rows, n_in), dtype=torch.uint8, generator=generator(seed))
+    w, shift = weights(n_in, n_out)
+    sums = image.long() @ torch.from_numpy(w).T
+    ours = ((sums + (1 << shift >> 1)) >> shift).clamp(0, 255).to(torch.uint8)
+    assert torch.equal(ours, v2.functional.resize(image, [rows, n_out], antialias=True))
+
+
+resizes = st.tuples(st.integers(1, 600), st.integers(1, 300), st.integers(1, 4), seeds).filter(lambda a: a[0] != a[1])
+
+
+@given(resizes)
+def test_integer_resize_weights_reproduce_torchs_uint8_resize(args):
+    check_resize_weights(augment.resize_weights, *args)
+
+
+def test_resize_check_catches_weights_one_below_torchs():
+    def truncated(n_in, n_out):
+        w, shift = augment.resize_weights(n_in, n_out)
+        return w - (w > 0), shift
+
+    falsify(lambda args: check_resize_weights(truncated, *args), resizes)
+
+
+@given(st.tuples(st.integers(1, 40), st.integers(1, 60), st.integers(1, 60), seeds))
+def test_the_keyed_centre_crop_is_torchvisions(args):
+    """With no ops, both forms give v2.CenterCrop's pixels, zero padding included for short sides."""
+    size, h, w, seed = args
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator(seed))
+    keyed = augment.BatchAugment((), size)
+    want = augment.eval_transform(size)(image)
+    assert torch.equal(keyed([image], seed, 0, [0])[0], want)
+    assert torch.equal(keyed.planned([image], seed, 0, [0]).render(torch.device("cpu"))[0], want)
+
+
+def test_keyed_random_resized_crop_boxes_are_distributed_as_torchvisions():
+    """Boxes lie in the image, and their area fraction and log aspect ratio have the distribution of
+    torchvision's RandomResizedCrop.make_params (means within 5 standard errors, 4,000 boxes each),
+    fallback centre crops included (a narrow 60x400 image makes most tries miss)."""
+    import math
+
+    from torchvision.transforms import v2
+
+    for op, (h, w) in [(C.RandomResizedCrop(op="random_resized_crop", scale=[0.35, 1.0]), (300, 400)),
+                       (C.RandomResizedCrop(op="random_resized_crop", scale=[0.5, 1.0], ratio=[0.5, 2.0]), (60, 400))]:
+        n = 4000
+        draws = augment.draws_for([op], 11, 3, list(range(n)))
+        ours = [augment.resized_crop_box(op, h, w, d[0]) for d in draws]
+        assert all(0 <= t and 0 <= l and 0 < bh and 0 < bw and t + bh <= h and l + bw <= w for t, l, bh, bw in ours)
+        reference = v2.RandomResizedCrop(8, scale=tuple(op.scale), ratio=tuple(op.ratio))
+        torch.manual_seed(0)
+        theirs = []
+        for _ in range(n):
+            p = reference.make_params([torch.empty(3, h, w)])
+            theirs.append((p["top"], p["left"], p["height"], p["width"]))
+        for stat in (lambda b: b[2] * b[3] / (h * w), lambda b: math.log(b[3] / b[2])):
+            a, b = torch.tensor([stat(x) for x in ours]), torch.tensor([stat(x) for x in theirs])
+            se = math.sqrt(a.var() / n + b.var() / n)
+            assert abs(a.mean() - b.mean()) <= 5 * se, (a.mean(), b.mean(), se)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@given(two_forms)
+def test_the_batched_form_on_a_gpu_gives_the_per_image_forms_pixels(args):
+    check_forms_agree(lambda planned: planned.render(torch.device("cuda")).cpu(), *args)

@@ -53,7 +53,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     base = make_ambiguous_data(tmp_path_factory.mktemp("compare"))
     out = {
         "a": train(base, "a"),
-        "b": train(base, "b", {"optimizer": {"lr": 0.1}}),
+        "b": train(base, "b", {"optimizer": {"lr": 0.15}}),
         "c": train(base, "c", {"train": {"allocator": "system"}}),
     }
     other = make_ambiguous_data(tmp_path_factory.mktemp("changed"))
@@ -75,7 +75,7 @@ def keys(section: list[compare.Difference]) -> list[str]:
 def test_only_the_learning_rate_is_named_as_changing_results(runs):
     result = compared(runs["a"], runs["b"])
     assert keys(result.changes_results) == ["optimizer.lr"]
-    assert result.changes_results[0].values == [0.05, 0.1]
+    assert result.changes_results[0].values == [0.05, 0.15]
     assert keys(result.cannot_change_results) == ["name"]
     assert result.data.changes == [{"train": [], "val": []}]
     assert result.data.weights == [] and result.can_change_bits == [] and result.ranking is None

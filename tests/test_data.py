@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile
 
-from imgcls import checkpoint, config, data, decoding, evaluate, models, predict, run, rundir
+from imgcls import augment, checkpoint, config, data, decoding, evaluate, models, predict, run, rundir
 from imgcls.errors import DataError
 
 from .fixtures import (
@@ -266,7 +266,7 @@ def test_training_evaluate_and_predict_see_the_same_pixels(tmp_path, monkeypatch
         shutil.copytree(tmp_path / "modes", tmp_path / "data" / split / "cat")
     exp_path = experiment(tmp_path, {"augment": [], "train": {"epochs": 1, "channels_last": False},
                                      "data": {"normalize": "half", "image_size": 8, "resize_size": 8}, "model": {"channels": [8]}})
-    crop = data.eval_transform(8)
+    crop = augment.eval_transform(8)
     expected = [crop(decoding.decode(str(tmp_path / "modes" / n), 8)).numpy().tobytes() for n in names]
     assert len(modes) + 1 == len(names)
 
@@ -557,8 +557,9 @@ def _run(tmp_path, name: str, **overrides) -> tuple[dict, dict[str, torch.Tensor
     return results, checkpoint.load(tmp_path / "runs" / name / rundir.LAST).model
 
 
-PER_IMAGE = [{"op": "random_resized_crop", "scale": [0.5, 1.0]}, {"op": "horizontal_flip"}]
+PER_IMAGE = [{"op": "random_resized_crop", "scale": [0.5, 1.0]}, {"op": "color_jitter", "brightness": 0.2}]
 BATCHED = [{"op": "random_crop", "padding": 4, "padding_mode": "reflect"}, {"op": "horizontal_flip"}]
+KEYED = [{"op": "random_resized_crop", "scale": [0.5, 1.0]}, {"op": "horizontal_flip"}]
 
 
 def _workers_agree(tmp_path, augment: list) -> None:
@@ -571,16 +572,16 @@ def _workers_agree(tmp_path, augment: list) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("augment, batched", [(PER_IMAGE, False), (BATCHED, True)], ids=["per_image", "batched"])
-def test_num_workers_do_not_change_bits(tmp_path, augment, batched):
+@pytest.mark.parametrize("ops, keyed", [(PER_IMAGE, False), (BATCHED, True)], ids=["transforms_v2", "keyed"])
+def test_num_workers_do_not_change_bits(tmp_path, ops, keyed):
     """Each sample's augmentation is drawn from (seed, epoch, index): who loads it cannot matter,
-    on the per-image (transforms v2) path and on the batched path alike."""
+    with transforms v2 and with the keyed ops alike."""
     make_cue_data(tmp_path)
     exp = config.validate({"name": "x", "data": {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"),
-                           "image_size": 32}, "augment": augment, "model": {"arch": "scratch_cnn"}})
+                           "image_size": 32}, "augment": ops, "model": {"arch": "scratch_cnn"}})
     transform = data.build_loaders(exp, data.prepare(exp.data, progress=False))["train"].dataset.transform
-    assert isinstance(transform, data.BatchAugment) == batched
-    _workers_agree(tmp_path, augment)
+    assert isinstance(transform, augment.BatchAugment) == keyed
+    _workers_agree(tmp_path, ops)
 
 
 @pytest.mark.slow
@@ -588,7 +589,7 @@ def test_workers_check_catches_batched_draws_from_the_process_rng(tmp_path, monk
     """Broken variant: the batched path's draws taken from the loading process's RNG, which each
     worker seeds differently."""
     make_cue_data(tmp_path)
-    monkeypatch.setattr(data, "sample_uniforms", lambda seed, epoch, indices, stream: torch.rand(len(indices), dtype=torch.float64))
+    monkeypatch.setattr(augment, "sample_uniforms", lambda seed, epoch, indices, stream: torch.rand(len(indices), dtype=torch.float64))
     with pytest.raises(AssertionError):
         _workers_agree(tmp_path, BATCHED)
 
@@ -598,14 +599,14 @@ def test_the_ops_alone_decide_the_path_and_sizes_only_how_a_batch_is_cut():
     augmented image by image, with the pixels each image gets in a batch of its own size."""
     flip, jitter = config.HorizontalFlip(op="horizontal_flip"), config.ColorJitter(op="color_jitter", brightness=0.2)
     crop = config.RandomCrop(op="random_crop", padding=3)
-    assert isinstance(data.split_transform([flip], 32), data.BatchAugment)
-    assert isinstance(data.split_transform([], 32), data.BatchAugment)
-    assert not isinstance(data.split_transform([flip, jitter], 32), data.BatchAugment)
+    assert isinstance(augment.split_transform([flip], 32), augment.BatchAugment)
+    assert isinstance(augment.split_transform([], 32), augment.BatchAugment)
+    assert not isinstance(augment.split_transform([flip, jitter], 32), augment.BatchAugment)
     rng = np.random.default_rng(0)
     shapes = [(40, 48), (40, 48), (48, 40), (33, 60)]
     images = [torch.from_numpy(rng.integers(0, 256, (3, *s), dtype=np.uint8)) for s in shapes]
     split = data.Split("train", "/", [f"{i}.png" for i in range(4)], [0, 1, 0, 1])
-    items = data.ImageSet(split, images, data.split_transform([crop, flip], 32), seed=5)
+    items = data.ImageSet(split, images, augment.split_transform([crop, flip], 32), seed=5)
     keys = [(2, i) for i in range(4)]
     mixed = items.__getitems__(keys)
     same_size = items.__getitems__(keys[:2])  # these two stack: one call on the batch
@@ -697,3 +698,19 @@ def test_resized_jpeg_copies_across_splits_and_photos_under_two_classes_are_repo
     assert any("look like resized or re-encoded copies" in w for w in found["warnings"])
     with pytest.raises(DataError, match="1 photo\\(s\\) appear under two classes"):
         data.prepare(cfg.model_copy(update={"label_conflicts": "fail"}), progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_batched_form_trains_the_bits_of_the_per_image_form(tmp_path, monkeypatch, workers):
+    """The keyed ops' batched form (picked for training on a GPU) run here on the CPU, through the
+    loader (and its workers) and Normalize: the same weights, bit for bit, as the per-image form."""
+    make_cue_data(tmp_path)
+    per_image, per_image_weights = _run(tmp_path, f"per_image_{workers}", augment=KEYED + BATCHED)
+    monkeypatch.setattr(data, "batched_form", lambda transform, device, is_train: is_train)
+    batched, batched_weights = _run(tmp_path, f"batched_{workers}", augment=KEYED + BATCHED, data__num_workers=workers)
+    preflight = json.loads((tmp_path / "runs" / f"batched_{workers}" / "preflight.json").read_text())
+    assert preflight["transforms"]["train"] == "keyed ops, batched on the device"
+    for key in per_image_weights:
+        assert torch.equal(per_image_weights[key], batched_weights[key]), key
+    assert per_image["val"]["loss"] == batched["val"]["loss"]

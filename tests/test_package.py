@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "imgcls"
 LAYERS = [
     {"errors"},
     {"config", "stats"},
-    {"runtime", "checkpoint", "provenance", "decoding", "distributed"},
+    {"runtime", "checkpoint", "provenance", "decoding", "distributed", "augment"},
     {"cache", "calibration"},
     {"data", "models", "report", "datasets"},
     {"train"},

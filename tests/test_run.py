@@ -178,12 +178,13 @@ def test_dry_run_and_config_check_report_every_path_problem_with_the_schema_prob
 
 
 def test_preflight_records_which_path_transforms_each_split(finished_run):
-    """The tiny experiment's random_crop + flip on equal-sized images take the batched path, for
-    training and evaluation alike; it is recorded, since the path changes the bits."""
+    """The tiny experiment's random_crop + flip take the keyed ops, for training and evaluation
+    alike, in their per-image form on the CPU; it is recorded."""
     _, _, run_dir, result = finished_run
     preflight = json.loads((run_dir / "preflight.json").read_text())
-    assert preflight["transforms"] == {"train": "batched", "val": "batched", "test": "batched"}
-    assert "train: 36 images, batched transforms" in result.stderr
+    keyed = "keyed ops, per image"  # on the CPU; the batched form is picked for training on a GPU
+    assert preflight["transforms"] == {"train": keyed, "val": keyed, "test": keyed}
+    assert f"train: 36 images, {keyed}" in result.stderr
 
 
 def result_files(run_dir: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgcls import checkpoint, config, data, run, train, verify
+from imgcls import augment, checkpoint, config, data, run, train, verify
 
 from .fixtures import fingerprint, image_array, train_tiny
 
@@ -64,9 +64,9 @@ def test_epochs_1_trains_and_verifies_only_the_first_epoch(tiny_run, monkeypatch
 def test_the_first_divergent_epoch_is_named_with_what_differs(tiny_run, monkeypatch, capsys):
     base, run_dir = tiny_run
     monkeypatch.chdir(base)
-    real = data.sample_seed
-    # From epoch 2 on, other augmentations in the re-run: its epoch 1 stays bit-identical.
-    monkeypatch.setattr(data, "sample_seed", lambda seed, epoch, index: real(seed + (epoch >= 2), epoch, index))
+    real = augment.sample_seed
+    # From epoch 2 on, another shuffle in the re-run: its epoch 1 stays bit-identical.
+    monkeypatch.setattr(augment, "sample_seed", lambda seed, epoch, index: real(seed + (epoch >= 2), epoch, index))
     assert verify.main([str(run_dir)]) == 1
     out = capsys.readouterr().out
     assert "does not reproduce: epoch 2 differs:" in out
