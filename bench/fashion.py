@@ -22,13 +22,14 @@ from bench.common import CACHE, PYTHON, ROOT, env_for_subprocess
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
-TARGET = 0.925  # the data set's own table: 2 conv + pooling 91.6%, + BatchNorm 93.4%
+TARGET = 0.934  # the data set's own table: 2 conv + pooling 91.6%, + BatchNorm 93.4%
 BUDGET_S = 600
 
-# Flip only, light dropout: in ten epochs the earlier recipe (random_crop padding 2 + flip, dropout
-# 0.2, batch 128) underfit (train 92.4% = val 92.4% at epoch 10, test 91.72%). Equal-sized images
-# with flip-only augmentation take imgcls's batched path (0.017 vs 0.19 ms an image for loading),
-# and batch 256 steps faster per image: an epoch is ~34 s instead of ~52, so twelve fit the budget.
+# Random crop (padding 2) + flip, light dropout, 20 epochs: flip alone for 12 epochs reached
+# 92.60% test (val 93.4%); the crop's padding is F-MNIST's black background. Both ops are keyed
+# (slices and flips per image, ~0.03 ms an image at 28x28), and batch 256 steps faster per image
+# than 128: an epoch is ~22-25 s on an AVX-512 CPU with 2 cores, so twenty fit the budget.
+EPOCHS = 20
 EXPERIMENT = """
 name = "fashion_mnist"
 seed = 0
@@ -43,6 +44,10 @@ resize_size = 28
 batch_size = 256
 eval_batch_size = 1000
 normalize = {{ mean = [0.286, 0.286, 0.286], std = [0.353, 0.353, 0.353] }}
+
+[[augment]]
+op = "random_crop"
+padding = 2
 
 [[augment]]
 op = "horizontal_flip"
@@ -65,7 +70,7 @@ max_lr = 0.005
 [train]
 epochs = {epochs}
 select_best = "val_acc"
-precision = "fp32"
+precision = "{precision}"
 
 [output]
 root = "{runs}"
@@ -108,13 +113,13 @@ def image_folder() -> Path:
     return root
 
 
-def run(quick: bool) -> dict[str, Any]:
-    epochs = 2 if quick else 12
+def run(quick: bool, epochs: int | None = None, precision: str = "fp32") -> dict[str, Any]:
+    epochs = epochs or (2 if quick else EPOCHS)
     root = image_folder()
     runs = CACHE / "runs"
     shutil.rmtree(runs / "fashion_mnist", ignore_errors=True)
     exp_path = CACHE / "fashion_mnist.toml"
-    exp_path.write_text(EXPERIMENT.format(root=root, runs=runs, epochs=epochs))
+    exp_path.write_text(EXPERIMENT.format(root=root, runs=runs, epochs=epochs, precision=precision))
     start = time.perf_counter()
     proc = subprocess.run(
         [PYTHON, "-m", "imgcls.run", str(exp_path), "--quiet"], cwd=ROOT, env=env_for_subprocess(),
@@ -127,14 +132,16 @@ def run(quick: bool) -> dict[str, Any]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     with open(run_dir / "history.csv") as f:
         history = list(csv.DictReader(f))
+    seconds = json.loads((run_dir / "timings.json").read_text())["epoch_seconds"]
     elapsed, curve = 0.0, []
     for row in history:
-        elapsed += float(row["seconds"])
+        elapsed += float(seconds[row["epoch"]])
         curve.append({"epoch": int(row["epoch"]), "train_s": round(elapsed, 1), "val_acc": round(float(row["val_acc"]), 4)})
     test_acc = metrics["test"]["accuracy"]
     return {
         "experiment": str(exp_path),
         "epochs": epochs,
+        "precision": precision,
         "wall_s_whole_process": round(wall, 1),
         "test_accuracy": test_acc,
         "best_epoch": metrics["best_epoch"],
@@ -147,3 +154,22 @@ def run(quick: bool) -> dict[str, Any]:
 def g3(quick: bool, rounds: int) -> dict[str, Any]:
     """G3 for `python -m bench`: one contender, so there are no rounds to interleave."""
     return run(quick)
+
+
+def main() -> None:
+    """`python -m bench.fashion [--epochs N] [--precision bf16]`: G3 with another budget split; bf16
+    pays only where the CPU has AVX-512 BF16 (elsewhere it is emulated, ~4x slower than fp32)."""
+    import argparse
+
+    from bench.common import machine
+
+    parser = argparse.ArgumentParser(prog="python -m bench.fashion", description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    args = parser.parse_args()
+    print(json.dumps(run(False, args.epochs, args.precision) | {"machine": machine()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
+

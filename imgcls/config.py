@@ -120,7 +120,10 @@ class DataConfig(Section):
         description=f"images per forward pass when evaluating or predicting (1..{MAX_BATCH_SIZE})",
     )
     num_workers: int = Field(
-        0, ge=0, le=MAX_WORKERS, description=f"DataLoader worker processes (0: load in the main process; at most {MAX_WORKERS})"
+        0, ge=0, le=MAX_WORKERS,
+        description=f"DataLoader worker processes (0: load in the main process; at most {MAX_WORKERS}); results are "
+        "the same for any number. 0 by default: on 2 cores, workers only took time from the training step "
+        "(bench/README.md, workers); raise it where cores are spare, e.g. beside a GPU",
     )
     cache_dir: PathText = Field(
         "~/.cache/imgcls",

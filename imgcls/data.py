@@ -196,17 +196,17 @@ class ImageSet(Dataset):
     def __len__(self) -> int:
         return len(self.split.paths)
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]] | tuple[augment.Planned, torch.Tensor]:
-        """A whole batch (the DataLoader's batched fetch): the keyed ops' draws are made once for it."""
+    def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor | augment.Planned, torch.Tensor] | list:
+        """A whole batch (the DataLoader's batched fetch). The keyed ops draw once for it and hand back
+        the finished batch (images, labels), stacked once; transforms v2 give per-sample pairs to collate."""
         epochs, indices = zip(*keys)
         images = [self.images[i % len(self)] for i in indices]
-        labels = [self.split.labels[i % len(self)] for i in indices]
+        labels = torch.tensor([self.split.labels[i % len(self)] for i in indices])
         if isinstance(self.transform, augment.BatchAugment):
             assert len(set(epochs)) == 1, "a batch comes from one epoch"
-            if self.batched:
-                return self.transform.planned(images, self.seed, epochs[0], list(indices)), torch.tensor(labels)
-            return list(zip(self.transform(images, self.seed, epochs[0], list(indices)).unbind(0), labels))
-        return [(self._augment(im, e, i), label) for im, e, i, label in zip(images, epochs, indices, labels)]
+            keyed = self.transform.planned if self.batched else self.transform
+            return keyed(images, self.seed, epochs[0], list(indices)), labels
+        return [(self._augment(im, e, i), int(label)) for im, e, i, label in zip(images, epochs, indices, labels)]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         """One sample, in the per-image form (the batched form gives the same pixels)."""
@@ -229,7 +229,7 @@ class ImageSet(Dataset):
 
 
 def collate(batch: list | tuple) -> Any:
-    """default_collate, except for a batch the dataset assembled itself (the batched form)."""
+    """default_collate, except for a batch the dataset assembled itself (the keyed ops)."""
     return batch if isinstance(batch, tuple) else default_collate(batch)
 
 

@@ -194,6 +194,12 @@ def test_keyed_augmentation_keeps_shape_dtype_and_label(args):
     check_augment_keeps_shape_dtype_label(augment.BatchAugment, *args)
 
 
+def batch_of(items: data.ImageSet, keys: list) -> tuple[list[torch.Tensor], list[int]]:
+    """The loader's view of one batch, as images and labels, whichever form the dataset returns."""
+    out = data.collate(items.__getitems__(keys))
+    return list(out[0]), [int(label) for label in out[1]]
+
+
 def check_batch_is_each_image_alone(augment, d: dict, ops: list[dict], epoch: int, n: int) -> None:
     """A sample augmented within a batch equals the same sample augmented alone: its draws depend on
     (seed, epoch, index), never on the batch it shares, its place in it, or its neighbours' sizes."""
@@ -205,7 +211,7 @@ def check_batch_is_each_image_alone(augment, d: dict, ops: list[dict], epoch: in
     images = [decoded_image(d["resize_size"], d["longer"] + i, d["portrait"] ^ (i % 2 == 1), d["seed"] + i) for i in range(n)]
     items = image_set(images, list(range(n)), augment(tuple(exp.augment), d["image_size"]), d["seed"])
     keys = [(epoch, i) for i in reversed(range(n))]
-    for (together, label), key in zip(items.__getitems__(keys), keys):
+    for together, label, key in zip(*batch_of(items, keys), keys):
         alone, alone_label = items[key]
         assert torch.equal(together, alone) and label == alone_label, key
 

@@ -608,13 +608,13 @@ def test_the_ops_alone_decide_the_path_and_sizes_only_how_a_batch_is_cut():
     split = data.Split("train", "/", [f"{i}.png" for i in range(4)], [0, 1, 0, 1])
     items = data.ImageSet(split, images, augment.split_transform([crop, flip], 32), seed=5)
     keys = [(2, i) for i in range(4)]
-    mixed = items.__getitems__(keys)
-    same_size = items.__getitems__(keys[:2])  # these two stack: one call on the batch
-    for (image, label), key in zip(mixed, keys):
+    mixed, labels = items.__getitems__(keys)
+    same_size, _ = items.__getitems__(keys[:2])  # these two share a size
+    for image, label, key in zip(mixed, labels, keys):
         alone, alone_label = items[key]
         assert torch.equal(image, alone) and label == alone_label
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(same_size, mixed[:2]))
-    assert not torch.equal(mixed[0][0], mixed[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(same_size, mixed[:2]))
+    assert not torch.equal(mixed[0], mixed[1])
 
 
 # ------------------------------------------------------------------- training that trains nothing
