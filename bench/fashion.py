@@ -54,7 +54,7 @@ op = "horizontal_flip"
 
 [model]
 arch = "scratch_cnn"
-channels = [32, 64, 128]
+channels = {channels}
 hidden = 256
 dropout = 0.1
 batch_norm = true
@@ -113,13 +113,13 @@ def image_folder() -> Path:
     return root
 
 
-def run(quick: bool, epochs: int | None = None, precision: str = "fp32") -> dict[str, Any]:
+def run(quick: bool, epochs: int | None = None, precision: str = "fp32", channels: tuple[int, ...] = (32, 64, 128)) -> dict[str, Any]:
     epochs = epochs or (2 if quick else EPOCHS)
     root = image_folder()
     runs = CACHE / "runs"
     shutil.rmtree(runs / "fashion_mnist", ignore_errors=True)
     exp_path = CACHE / "fashion_mnist.toml"
-    exp_path.write_text(EXPERIMENT.format(root=root, runs=runs, epochs=epochs, precision=precision))
+    exp_path.write_text(EXPERIMENT.format(root=root, runs=runs, epochs=epochs, precision=precision, channels=list(channels)))
     start = time.perf_counter()
     proc = subprocess.run(
         [PYTHON, "-m", "imgcls.run", str(exp_path), "--quiet"], cwd=ROOT, env=env_for_subprocess(),
@@ -142,6 +142,7 @@ def run(quick: bool, epochs: int | None = None, precision: str = "fp32") -> dict
         "experiment": str(exp_path),
         "epochs": epochs,
         "precision": precision,
+        "channels": list(channels),
         "wall_s_whole_process": round(wall, 1),
         "test_accuracy": test_acc,
         "best_epoch": metrics["best_epoch"],
@@ -157,7 +158,7 @@ def g3(quick: bool, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    """`python -m bench.fashion [--epochs N] [--precision bf16]`: G3 with another budget split; bf16
+    """`python -m bench.fashion [--epochs N] [--precision bf16] [--channels C1 C2 C3]`: G3 with another budget split; bf16
     pays only where the CPU has AVX-512 BF16 (elsewhere it is emulated, ~4x slower than fp32)."""
     import argparse
 
@@ -166,8 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fashion", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128], help="the scratch CNN's conv widths")
     args = parser.parse_args()
-    print(json.dumps(run(False, args.epochs, args.precision) | {"machine": machine()}, indent=1))
+    print(json.dumps(run(False, args.epochs, args.precision, tuple(args.channels)) | {"machine": machine()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -38,9 +38,12 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _keys(seed: int, epoch: int, indices: list[int], stream: int) -> np.ndarray:
-    base = np.uint64((seed * _SEED + epoch * _EPOCH + stream * _STREAM) % 2**64)
-    return _mix(base + np.asarray(indices, dtype=np.uint64) * np.uint64(_INDEX))  # uint64 arrays wrap mod 2**64
+def _keys(seed: int, epoch: int, indices: list[int], stream: int | Sequence[int]) -> np.ndarray:
+    """One key per index (for a sequence of streams, one row per stream)."""
+    one = isinstance(stream, int)
+    base = np.array([(seed * _SEED + epoch * _EPOCH + s * _STREAM) % 2**64 for s in ([stream] if one else stream)], dtype=np.uint64)
+    keys = _mix(base[:, None] + np.asarray(indices, dtype=np.uint64) * np.uint64(_INDEX))  # uint64 arrays wrap mod 2**64
+    return keys[0] if one else keys
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -48,8 +51,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(_keys(seed, epoch, [index % 2**64], 0)[0]) >> 1
 
 
-def sample_uniforms(seed: int, epoch: int, indices: list[int], stream: int) -> torch.Tensor:
-    """One float64 in [0, 1) per index, a pure function of (seed, epoch, index, stream): the keyed ops' draws."""
+def sample_uniforms(seed: int, epoch: int, indices: list[int], stream: int | Sequence[int]) -> torch.Tensor:
+    """One float64 in [0, 1) per index, a pure function of (seed, epoch, index, stream): the keyed ops'
+    draws. Given a sequence of streams, one row per stream, each equal to that stream's draws alone."""
     return torch.from_numpy((_keys(seed, epoch, indices, stream) >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 
 
@@ -219,11 +223,11 @@ def _center_crop(size: int, h: int, w: int) -> Plan:
 
 def draws_for(ops: Sequence[C.Augment], seed: int, epoch: int, indices: list[int]) -> list[list[list[float]]]:
     """draws[i][position]: image i's uniforms for op `position`, drawn for the whole batch at once."""
-    per_op = [
-        torch.stack([sample_uniforms(seed, epoch, indices, 1 + DRAWS_PER_OP * position + j) for j in range(DRAWS[type(op)])], 1)
+    per_op = [  # (images, draws) lists, all of an op's streams computed at once
+        sample_uniforms(seed, epoch, indices, [1 + DRAWS_PER_OP * position + j for j in range(DRAWS[type(op)])]).T.tolist()
         for position, op in enumerate(ops)
     ]
-    return [[d[i].tolist() for d in per_op] for i in range(len(indices))]
+    return [[d[i] for d in per_op] for i in range(len(indices))]
 
 
 def render(image: torch.Tensor, steps: Plan) -> torch.Tensor:

@@ -432,3 +432,14 @@ def test_keyed_random_resized_crop_boxes_are_distributed_as_torchvisions():
 @given(two_forms)
 def test_the_batched_form_on_a_gpu_gives_the_per_image_forms_pixels(args):
     check_forms_agree(lambda planned: planned.render(torch.device("cuda")).cpu(), *args)
+
+
+@given(st.tuples(seeds, st.integers(0, 10**6), st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=8),
+                 st.lists(st.integers(-3, 10**6), min_size=1, max_size=6)))
+def test_draws_for_several_streams_at_once_are_each_streams_own(args):
+    """The keyed ops draw all of an op's streams in one call; each row must be that stream drawn alone,
+    so the batching of draws can never change a sample."""
+    seed, epoch, indices, streams = args
+    together = augment.sample_uniforms(seed, epoch, indices, streams)
+    for row, stream in zip(together, streams):
+        assert torch.equal(row, augment.sample_uniforms(seed, epoch, indices, stream))
