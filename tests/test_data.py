@@ -589,7 +589,7 @@ def test_workers_check_catches_batched_draws_from_the_process_rng(tmp_path, monk
     """Broken variant: the batched path's draws taken from the loading process's RNG, which each
     worker seeds differently."""
     make_cue_data(tmp_path)
-    monkeypatch.setattr(augment, "sample_uniforms", lambda seed, epoch, indices, stream: torch.rand(len(indices), dtype=torch.float64))
+    monkeypatch.setattr(augment, "sample_uniforms", lambda seed, epoch, indices, streams: torch.rand(len(streams), len(indices), dtype=torch.float64))
     with pytest.raises(AssertionError):
         _workers_agree(tmp_path, BATCHED)
 
