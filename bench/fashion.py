@@ -56,12 +56,12 @@ op = "horizontal_flip"
 arch = "scratch_cnn"
 channels = {channels}
 hidden = 256
-dropout = 0.1
+dropout = {dropout}
 batch_norm = true
 
 [optimizer]
 name = "adamw"
-weight_decay = 0.05
+weight_decay = {weight_decay}
 
 [scheduler]
 name = "onecycle"
@@ -113,13 +113,15 @@ def image_folder() -> Path:
     return root
 
 
-def run(quick: bool, epochs: int | None = None, precision: str = "fp32", channels: tuple[int, ...] = (32, 64, 128)) -> dict[str, Any]:
+def run(quick: bool, epochs: int | None = None, precision: str = "fp32", channels: tuple[int, ...] = (32, 64, 128),
+        weight_decay: float = 0.05, dropout: float = 0.1) -> dict[str, Any]:
     epochs = epochs or (2 if quick else EPOCHS)
     root = image_folder()
     runs = CACHE / "runs"
     shutil.rmtree(runs / "fashion_mnist", ignore_errors=True)
     exp_path = CACHE / "fashion_mnist.toml"
-    exp_path.write_text(EXPERIMENT.format(root=root, runs=runs, epochs=epochs, precision=precision, channels=list(channels)))
+    exp_path.write_text(EXPERIMENT.format(root=root, runs=runs, epochs=epochs, precision=precision, channels=list(channels),
+                                          weight_decay=weight_decay, dropout=dropout))
     start = time.perf_counter()
     proc = subprocess.run(
         [PYTHON, "-m", "imgcls.run", str(exp_path), "--quiet"], cwd=ROOT, env=env_for_subprocess(),
@@ -143,6 +145,8 @@ def run(quick: bool, epochs: int | None = None, precision: str = "fp32", channel
         "epochs": epochs,
         "precision": precision,
         "channels": list(channels),
+        "weight_decay": weight_decay,
+        "dropout": dropout,
         "wall_s_whole_process": round(wall, 1),
         "test_accuracy": test_acc,
         "best_epoch": metrics["best_epoch"],
@@ -158,7 +162,7 @@ def g3(quick: bool, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    """`python -m bench.fashion [--epochs N] [--precision bf16] [--channels C1 C2 C3]`: G3 with another budget split; bf16
+    """`python -m bench.fashion [--epochs N] [--precision bf16] [--channels C1 C2 C3] [--weight-decay W] [--dropout P]`: G3 with another budget split; bf16
     pays only where the CPU has AVX-512 BF16 (elsewhere it is emulated, ~4x slower than fp32)."""
     import argparse
 
@@ -168,8 +172,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128], help="the scratch CNN's conv widths")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--dropout", type=float, default=0.1)
     args = parser.parse_args()
-    print(json.dumps(run(False, args.epochs, args.precision, tuple(args.channels)) | {"machine": machine()}, indent=1))
+    result = run(False, args.epochs, args.precision, tuple(args.channels), args.weight_decay, args.dropout)
+    print(json.dumps(result | {"machine": machine()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def _merge(into: dict, new: dict) -> None:
 
 def shapes_overrides(data: Path, out: Path, epochs: int = 3, num_workers: int = 0, name: str = "tiny") -> dict[str, Any]:
     """Overrides that turn TINY into the end-to-end experiment on `make_shapes_data`'s folders:
-    seed 0, 32-pixel crops in batches of 8, padded random crop and flip (the batched path), the
+    seed 0, 32-pixel crops in batches of 8, padded random crop and flip (keyed ops), the
     default dropout, Adam at 0.01 and no scheduler, with absolute paths and a test split."""
     return {
         "name": name,

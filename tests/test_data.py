@@ -533,7 +533,7 @@ def test_32_bit_and_float_greyscale_is_mapped_by_its_range_or_refused(tmp_path_f
     assert np.abs(image[0].numpy().astype(np.int64) - expected).max() <= 1, (values, image[0])
 
 
-# ------------------------------------------------------------- loader workers and the batched path
+# ------------------------------------------------------------- loader workers and the keyed ops
 
 
 def _run(tmp_path, name: str, **overrides) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -586,7 +586,7 @@ def test_num_workers_do_not_change_bits(tmp_path, ops, keyed):
 
 @pytest.mark.slow
 def test_workers_check_catches_batched_draws_from_the_process_rng(tmp_path, monkeypatch):
-    """Broken variant: the batched path's draws taken from the loading process's RNG, which each
+    """Broken variant: the keyed ops' draws taken from the loading process's RNG, which each
     worker seeds differently."""
     make_cue_data(tmp_path)
     monkeypatch.setattr(augment, "sample_uniforms", lambda seed, epoch, indices, streams: torch.rand(len(streams), len(indices), dtype=torch.float64))
