@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bench.common import interleaved, ratio
+from bench.common import interleaved
 from bench.loop import AUGMENT, Contest
 from imgcls import augment
 from imgcls import config as C
@@ -33,13 +33,7 @@ def compare(quick: bool, rounds: int) -> dict[str, Any]:
     sizes = {"resnet18@224": (512, 512) if quick else (4096, 1024), "scratch_cnn@128": (512, 512) if quick else (8192, 1024)}
     for name, (n_train, n_val) in sizes.items():
         contest = Contest(name, "bf16", n_train, n_val, AUGMENT, WORKERS, "cuda", BATCH)
-        contest.imgcls_epoch(), contest.bare_train(), contest.imgcls_eval(), contest.bare_eval()  # warm-up
-        fit = interleaved({"imgcls": contest.imgcls_epoch, "bare": contest.bare_train}, rounds)
-        val = interleaved({"imgcls": contest.imgcls_eval, "bare": contest.bare_eval}, rounds)
-        out[f"{name} bf16"] = {"train_ratio": ratio(fit["imgcls"]["median"], fit["bare"]["median"]),
-                               "eval_ratio": ratio(val["imgcls"]["median"], val["bare"]["median"]),
-                               "train_img_per_s": fit, "eval_img_per_s": val,
-                               "transforms": contest.loaders["train"].dataset.form}
+        out[f"{name} bf16"] = contest.ratios(rounds) | {"transforms": contest.loaders["train"].dataset.form}
         print(f"[bench] gpu {name}: {json.dumps(out[f'{name} bf16'])}", file=sys.stderr, flush=True)
     out["batched_form"] = batched_form(rounds)
     return out

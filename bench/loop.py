@@ -74,47 +74,53 @@ class Contest:
 
     def imgcls_epoch(self) -> float:
         self.epoch += 1
-        seconds, _ = _timed(lambda: train.train_one_epoch(self.feed, self.opt, self.epoch, progress=False))
-        return self.n_train / seconds
+        return self.n_train / self._seconds(lambda: train.train_one_epoch(self.feed, self.opt, self.epoch, progress=False))
 
     def bare_train(self) -> float:
         steps = len(self.loaders["train"])
         self.bare.train()
-        start = time.perf_counter()
-        for _ in range(steps):
-            with runtime.autocast(self.device, self.exp.train.precision):
-                logits = self.bare(self.x)
-            loss = self.loss_fn(logits.float(), self.y)
-            self.bare_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.bare_optimizer.step()
-        _sync(self.device)
-        return steps * self.batch / (time.perf_counter() - start)
+
+        def train_steps() -> None:
+            for _ in range(steps):
+                with runtime.autocast(self.device, self.exp.train.precision):
+                    logits = self.bare(self.x)
+                loss = self.loss_fn(logits.float(), self.y)
+                self.bare_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.bare_optimizer.step()
+
+        return steps * self.batch / self._seconds(train_steps)
 
     def imgcls_eval(self) -> float:
-        seconds, _ = _timed(lambda: (evaluate.logits_of(self.model, self.loaders["val"], self.feed.inputs), _sync(self.device)))
-        return self.n_val / seconds
+        return self.n_val / self._seconds(lambda: evaluate.logits_of(self.model, self.loaders["val"], self.feed.inputs))
 
     def bare_eval(self) -> float:
         self.bare.eval()
         batches = -(-self.n_val // EVAL_BATCH)
+
+        def forwards() -> None:
+            with torch.inference_mode(), runtime.autocast(self.device, self.exp.train.precision):
+                for _ in range(batches):
+                    self.bare(self.x_eval).float()
+
+        return batches * EVAL_BATCH / self._seconds(forwards)
+
+    def ratios(self, rounds: int) -> dict[str, Any]:
+        """After a warm-up, imgcls's training epoch and validation against the bare model, interleaved."""
+        self.imgcls_epoch(), self.bare_train(), self.imgcls_eval(), self.bare_eval()
+        fit = interleaved({"imgcls": self.imgcls_epoch, "bare": self.bare_train}, rounds)
+        val = interleaved({"imgcls": self.imgcls_eval, "bare": self.bare_eval}, rounds)
+        return {"train_ratio": ratio(fit["imgcls"]["median"], fit["bare"]["median"]),
+                "eval_ratio": ratio(val["imgcls"]["median"], val["bare"]["median"]),
+                "train_img_per_s": fit, "eval_img_per_s": val}
+
+    def _seconds(self, fn) -> float:
+        """Wall time of fn, the device's queued work included (a GPU runs behind the Python that feeds it)."""
         start = time.perf_counter()
-        with torch.inference_mode(), runtime.autocast(self.device, self.exp.train.precision):
-            for _ in range(batches):
-                self.bare(self.x_eval).float()
-        _sync(self.device)
-        return batches * EVAL_BATCH / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+        fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
 
 def g1(quick: bool, rounds: int, models: list[str] | None = None, precisions: list[str] | None = None) -> dict[str, Any]:
@@ -124,17 +130,7 @@ def g1(quick: bool, rounds: int, models: list[str] | None = None, precisions: li
     for name in models or list(MODELS):
         for precision in precisions or ["fp32", "bf16"]:
             contest = Contest(name, precision, *sizes[name])
-            contest.imgcls_epoch(), contest.bare_train(), contest.imgcls_eval(), contest.bare_eval()  # warm-up
-            fit = interleaved({"imgcls": contest.imgcls_epoch, "bare": contest.bare_train}, rounds)
-            val = interleaved({"imgcls": contest.imgcls_eval, "bare": contest.bare_eval}, rounds)
-            out[f"{name} {precision}"] = {
-                "train_ratio": ratio(fit["imgcls"]["median"], fit["bare"]["median"]),
-                "eval_ratio": ratio(val["imgcls"]["median"], val["bare"]["median"]),
-                "train_img_per_s": fit,
-                "eval_img_per_s": val,
-                "train_images": contest.n_train,
-                "val_images": contest.n_val,
-            }
+            out[f"{name} {precision}"] = contest.ratios(rounds) | {"train_images": contest.n_train, "val_images": contest.n_val}
             print(f"[bench] g1 {name} {precision}: {json.dumps(out[f'{name} {precision}'])}", file=sys.stderr, flush=True)
     return out
 

@@ -10,7 +10,7 @@ import torch
 
 from bench.common import CACHE, PYTHON, ROOT, env_for_subprocess, generated_folder, interleaved, ratio
 from bench.loop import MODELS, experiment
-from imgcls import augment, config, data, decoding, evaluate, models, predict, train
+from imgcls import augment, config, decoding, evaluate, models, predict, train
 from imgcls.rundir import RunDir
 
 

@@ -57,9 +57,6 @@ def sample_uniforms(seed: int, epoch: int, indices: list[int], stream: int | Seq
     return torch.from_numpy((_keys(seed, epoch, indices, stream) >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 
 
-# An op draws from streams 1 + DRAWS_PER_OP * position + j: random_resized_crop takes 10 tries of 4 draws.
-DRAWS_PER_OP, RESIZED_CROP_TRIES = 64, 10
-DRAWS = {C.RandomResizedCrop: 4 * RESIZED_CROP_TRIES, C.RandomCrop: 2, C.HorizontalFlip: 1, C.VerticalFlip: 1}
 
 
 # ---------------------------------------------------------------------------- transforms v2 path
@@ -111,9 +108,13 @@ def eval_transform(image_size: int) -> v2.CenterCrop:
 
 # ------------------------------------------------------------------------------------ keyed plans
 
-# Ops with a keyed form. transforms v2 costs ~0.19 ms an image in Python dispatch and generator
-# seeding for crop + flip at 28x28, a quarter of the scratch CNN's training step there.
-KEYED_OPS = (C.RandomResizedCrop, C.RandomCrop, C.HorizontalFlip, C.VerticalFlip)
+# The ops with a keyed form, and how many uniforms each draws per image. transforms v2 costs ~0.19 ms
+# an image in Python dispatch and generator seeding for crop + flip at 28x28, a quarter of the
+# scratch CNN's training step there. Op `position` of a list draws from streams
+# 1 + DRAWS_PER_OP * position + j; random_resized_crop takes 10 tries of 4 draws.
+DRAWS_PER_OP, RESIZED_CROP_TRIES = 64, 10
+DRAWS = {C.RandomResizedCrop: 4 * RESIZED_CROP_TRIES, C.RandomCrop: 2, C.HorizontalFlip: 1, C.VerticalFlip: 1}
+KEYED_OPS = tuple(DRAWS)
 
 
 @dataclass(frozen=True)

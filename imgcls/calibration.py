@@ -16,7 +16,6 @@ warning) one that belongs to other weights or another test-time augmentation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from imgcls.checkpoint import atomic_write
+from imgcls.provenance import file_sha256
 
 BINS = 15
 EDGES = tuple(i / BINS for i in range(BINS + 1))
@@ -151,7 +151,3 @@ def for_checkpoint(ckpt_path: str | Path, tta: str) -> Calibration | None:
         return None
     return cal
 
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -55,7 +55,8 @@ class Checkpoint:
 
 def save(path: str | Path, ckpt: Checkpoint) -> None:
     """Write a checkpoint atomically; weights holding NaN or inf are refused, never written."""
-    named = ckpt.model | {f"ema.{k}": v for k, v in ckpt.ema.items()}  # how the error names them
+    ema = {f"ema.{k}": v for k, v in ckpt.ema.items()}
+    named = ckpt.model | ema  # how the error names them
     bad = [k for k, v in named.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         after = f" after epoch {ckpt.meta['epoch']}" if "epoch" in ckpt.meta else ""
@@ -63,7 +64,7 @@ def save(path: str | Path, ckpt: Checkpoint) -> None:
             f"{path}: not saved: the weights became NaN or infinite{after} ({', '.join(bad[:3])}); "
             "the previous checkpoint is kept. Lower optimizer.lr, or check the data"
         )
-    tensors = {f"model.{k}": v for k, v in ckpt.model.items()} | {f"ema.{k}": v for k, v in ckpt.ema.items()}
+    tensors = {f"model.{k}": v for k, v in ckpt.model.items()} | ema
     tensors |= {f"optim.{k}": v for k, v in ckpt.optim.items()}
     tensors |= {f"rng.{k}": v for k, v in ckpt.rng.items()}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import html
 import json
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from imgcls import config, page, stats
+from imgcls import config, page, provenance, stats
 from imgcls.checkpoint import atomic_write
 from imgcls.errors import ConfigError, UserError, guarded
 from imgcls.report import display_name, text_safe
@@ -241,9 +240,8 @@ class Comparison:
 def compare(runs: list[Run]) -> Comparison:
     """Every fact of the comparison; the first run is the baseline."""
     trees = [r.exp.model_dump(mode="json") for r in runs]
-    changed = list(dict.fromkeys(k for t in trees[1:] for k in config.differing_keys(trees[0], t)))
     neutral = config.RESULT_NEUTRAL | NAME_ONLY
-    keys = [Difference(k, [_at(t, k) for t in trees]) for k in changed]
+    keys = differences(trees)
     names = [r.path.name for r in runs]
     bit_facts = [{"code": r.manifest["code"], **r.manifest["environment"]} for r in runs]
     return Comparison(
@@ -622,7 +620,7 @@ def thumbnail(folder: Path, f: Flip) -> tuple[str | None, str]:
     try:
         if path.stat().st_size > THUMB_MAX_BYTES:
             return None, "too large to show"
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = provenance.file_sha256(path)
     except OSError:
         return None, "file not found"
     if f.sha256 is not None and digest != f.sha256:

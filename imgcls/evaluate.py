@@ -179,12 +179,19 @@ def split_logits(trained: Trained, split: str) -> tuple[list[str], torch.Tensor,
     root = exp.data.val_dir if split == "val" else exp.data.test_dir
     if root is None:
         raise ConfigError("experiment", ["data.test_dir is not set, so there is no test split to evaluate"])
-    images = data.scan_split(split, root, trained.classes)
+    images, loader = eval_loader(exp, split, root, trained.classes)
+    logits, labels = logits_of(trained.model, loader, trained.inputs, trained.tta)
+    return images.paths, logits, labels
+
+
+def eval_loader(exp: config.Experiment, split: str, root: str, classes: list[str]) -> tuple[data.Split, DataLoader]:
+    """A split scanned and decoded as training does it (unreadable files reported and left out), and
+    the loader that evaluates it."""
+    images = data.scan_split(split, root, classes)
     decoded, failures = data.decode_split(images, exp.data, progress=False)
     for f in failures:
         print(f"skipped: {f}", file=sys.stderr)
-    logits, labels = logits_of(trained.model, data.split_loader(exp, images, decoded), trained.inputs, trained.tta)
-    return images.paths, logits, labels
+    return images, data.split_loader(exp, images, decoded)
 
 
 def evaluate_checkpoint(

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import imgcls
-from imgcls import checkpoint, config, data, evaluate, predict, runtime
+from imgcls import checkpoint, config, data, evaluate, predict, provenance, runtime
 from imgcls.errors import UserError, guarded, optional_import
 
 # fp32 on both sides, but onnxruntime's kernels sum in other orders than torch's: logits differed by
@@ -83,12 +83,10 @@ def onnx_model(trained: evaluate.Trained, ckpt_path: str) -> bytes:
     )
     proto = program.model_proto
     toml = config.to_toml(exp)
-    with open(ckpt_path, "rb") as f:
-        ckpt_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     meta = predict.OnnxMetadata(
         classes=trained.classes, image_size=exp.data.image_size, resize_size=exp.data.resize_size,
         normalize_mean=list(mean), normalize_std=list(std), experiment=toml,
-        experiment_sha256=hashlib.sha256(toml.encode()).hexdigest(), checkpoint_sha256=ckpt_sha256,
+        experiment_sha256=hashlib.sha256(toml.encode()).hexdigest(), checkpoint_sha256=provenance.file_sha256(ckpt_path),
         imgcls_version=imgcls.__version__,
     )
     del proto.metadata_props[:]
@@ -104,13 +102,9 @@ def parity(onnx_bytes: bytes, trained: evaluate.Trained) -> Parity:
     exp = trained.exp
     reference = runtime.Inputs(data.inputs(exp, torch.device("cpu")).prepare, torch.device("cpu"), "fp32")
     onnx = predict.from_onnx(onnx_bytes, "the exported model")
-    split = data.scan_split("val", exp.data.val_dir, trained.classes)
-    decoded, failures = data.decode_split(split, exp.data, progress=False)
-    for f in failures:
-        print(f"skipped: {f}", file=sys.stderr)
-    cpu_exp = exp.model_copy(update={"device": "cpu"})
+    _, loader = evaluate.eval_loader(exp.model_copy(update={"device": "cpu"}), "val", exp.data.val_dir, trained.classes)
     images, worst, agree, beyond = 0, 0.0, 0, 0
-    for batch, _ in data.split_loader(cpu_exp, split, decoded):
+    for batch, _ in loader:
         want = evaluate.forward(trained.model, batch, reference)
         got = onnx.logits(batch)
         worst = max(worst, float((want - got).abs().max()))
@@ -127,7 +121,6 @@ def export(exp_path: str, ckpt_path: str, out: Path) -> Parity:
     optional_import("onnxscript", "export")  # what torch.onnx's exporter needs; named before any work
     optional_import("onnxruntime", "export")
     trained = evaluate.load_for_inference(exp_path, ckpt_path)
-    trained.model.to("cpu")
     onnx_bytes = onnx_model(trained, ckpt_path)
     result = parity(onnx_bytes, trained)
     if result.ok:

@@ -5,7 +5,6 @@ Models return logits (no softmax): CrossEntropyLoss applies log_softmax itself.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 from typing_extensions import assert_never
 
-from imgcls import checkpoint
+from imgcls import checkpoint, provenance
 from imgcls import config as C
 from imgcls.errors import CheckpointError, ConfigError
 
@@ -190,8 +189,7 @@ def weights_identity(cfg: C.Model) -> dict[str, str | None]:
             weights = arch_table()[cfg.arch].weights
             return {"source": "torchvision", "name": str(weights), "url": weights.url}
         case C.ResNet(weights=path) | C.TorchvisionNet(weights=path):
-            with open(path, "rb") as f:
-                return {"source": "file", "path": path, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+            return {"source": "file", "path": path, "sha256": provenance.file_sha256(path)}
         case _:
             assert_never(cfg)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import hashlib
 import html
 import io
 import json
@@ -29,7 +28,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from imgcls import stats
+from imgcls import provenance, stats
 from imgcls.checkpoint import atomic_write
 from imgcls.errors import UserError, guarded
 from imgcls.report import display_name, text_safe
@@ -272,7 +271,7 @@ def _figure(folder: Path | None, path: str, row: dict[str, str]) -> str:
 
 def _provenance(run_dir: Path, manifest: dict) -> str:
     data = manifest["data"]
-    files = [[name, _sha256(run_dir / name)] for name in ("config.toml", "manifest.json")]
+    files = [[name, provenance.file_sha256(run_dir / name)] for name in ("config.toml", "manifest.json")]
     digests = [["all splits", sum(info["images"] for info in data["splits"].values()), data["digest"]]]
     digests += [[s, info["images"], info["digest"]] for s, info in data["splits"].items()]
     facts = [["weights", _flat(manifest["weights"])], ["code", _flat(manifest["code"])]]
@@ -304,10 +303,6 @@ def _json(path: Path) -> Any:
 
 def _csv(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(_text(path))))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def split_folder(root: str, run_dir: Path) -> Path | None:

@@ -14,6 +14,7 @@ Leaf functions, wired into nothing yet:
 from __future__ import annotations
 
 import datetime
+import hashlib
 import math
 import os
 import platform
@@ -235,3 +236,9 @@ def _git(args: list[str], cwd: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in chunks: how checkpoints and weight files are identified."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -88,9 +88,9 @@ def setup(
     with world.local_first():  # one decoded cache per machine, built by its local rank 0
         dataset = data.prepare(exp.data, progress)  # the preflight: every image decoded and checked once
     loaders = data.build_loaders(exp, dataset, world)
-    dataset.report["transforms"] = data.transform_paths(loaders)
-    inputs = rundir.manifest(exp, dataset, world)
-    if world.is_main:
+    if world.is_main:  # what the run depends on is recorded once (git, file hashes): by rank 0, which writes it
+        dataset.report["transforms"] = data.transform_paths(loaders)
+        inputs = rundir.manifest(exp, dataset, world)
         report.print_preflight(dataset.report)
         if resume:
             rundir.refuse_other_inputs(run_path, inputs)

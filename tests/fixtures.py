@@ -13,6 +13,7 @@ One experiment builder, `experiment(base, overrides)`, writes `TINY` deep-merged
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -191,13 +192,9 @@ def run_in(base: Path, exp_path: Path, stops: tuple[int | None, ...] = (None,)) 
     from imgcls import config, run
 
     exp = config.load(exp_path)
-    cwd = os.getcwd()
-    os.chdir(base)
-    try:
+    with contextlib.chdir(base):
         for i, stop in enumerate(stops):
             run.run(exp, resume=i > 0, progress=False, stop_after=stop)
-    finally:
-        os.chdir(cwd)
 
 
 def whole_and_resumed(tmp_path: Path, overrides: dict[str, Any], prepare=lambda base: None) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from imgcls import config, data, distributed, rundir, verify
 from imgcls.errors import ConfigError
 
-from .fixtures import checkpoint_epoch, cli_env, experiment, fingerprint, make_data
+from .fixtures import checkpoint_epoch, cli, cli_env, experiment, fingerprint, make_data
 
 # Dropout off: each rank draws its own masks, so only a dropout-free model can match one process.
 # Class weights and label smoothing, and 18 training images in batches of 4 (the last step's 2
@@ -115,26 +115,29 @@ def steps(base: Path, log: str) -> dict[tuple[int, int], list[int]]:
     return found
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The tiny experiment in one plain process, with a validation split of 7 images (odd, so two
-    ranks cannot split it evenly)."""
-    base = tmp_path_factory.mktemp("one")
+def same_as_one_experiment(base: Path) -> Path:
+    """The tiny data with a validation split of 7 images (odd, so two ranks cannot split it evenly),
+    and the experiment every run of this comparison trains."""
     make_data(base, train=TRAIN_PER_CLASS)
     (base / "data" / "val" / "dog" / "3.png").unlink()
-    exp = experiment(base, SAME_AS_ONE)
-    proc = subprocess.Popen([sys.executable, "-m", "imgcls.run", str(exp), "--quiet"], cwd=base,
-                            env=cli_env(IMGCLS_BATCH_LOG=str(base / "batches")), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    finished(proc)
+    return experiment(base, SAME_AS_ONE)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The tiny experiment in one plain process."""
+    base = tmp_path_factory.mktemp("one")
+    exp = same_as_one_experiment(base)
+    finished(cli("run", str(exp), "--quiet", cwd=base, env=cli_env(IMGCLS_BATCH_LOG=str(base / "batches"))))
     return base
 
 
 def same_run_as_one_process(base: Path, one: Path) -> None:
     """What two ranks must share with one process: the samples of every step, the weights (to
     ATOL/RTOL), and the evaluation: every validation image counted once, the same confusion matrix."""
-    assert steps(base, "batches") == steps(one, "batches") and steps(one, "batches")
-    assert len(steps(base, "batches")[(1, 0)]) == 4 and len(steps(base, "batches")[(1, 4)]) == 2  # both ranks' parts
+    two_ranks, one_rank = steps(base, "batches"), steps(one, "batches")
+    assert two_ranks == one_rank and one_rank
+    assert len(two_ranks[(1, 0)]) == 4 and len(two_ranks[(1, 4)]) == 2  # both ranks' parts
     a, b = load_file(base / "runs/tiny/last.safetensors"), load_file(one / "runs/tiny/last.safetensors")
     weights = [k for k in a if k.startswith("model.")]
     assert weights and sorted(weights) == sorted(k for k in b if k.startswith("model."))
@@ -150,9 +153,7 @@ def same_run_as_one_process(base: Path, one: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_on_the_single_process_batches(tmp_path, one_process):
-    make_data(tmp_path, train=TRAIN_PER_CLASS)
-    (tmp_path / "data" / "val" / "dog" / "3.png").unlink()
-    exp = experiment(tmp_path, SAME_AS_ONE)
+    exp = same_as_one_experiment(tmp_path)
     finished(torchrun(tmp_path, exp, log="batches"))
     same_run_as_one_process(tmp_path, one_process)
     manifest = json.loads((tmp_path / "runs/tiny/manifest.json").read_text())
@@ -169,9 +170,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_machines_on_localhost_train_as_one_process(tmp_path, one_process):
     """Two torchrun launchers of one process each, meeting at a c10d rendezvous: two "machines"."""
-    make_data(tmp_path, train=TRAIN_PER_CLASS)
-    (tmp_path / "data" / "val" / "dog" / "3.png").unlink()
-    exp = experiment(tmp_path, SAME_AS_ONE)
+    exp = same_as_one_experiment(tmp_path)
     port = free_port()
     nodes = [
         torchrun(tmp_path, exp, log="batches", launcher=[

@@ -7,9 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,23 +25,12 @@ pytestmark = pytest.mark.slow
 CKPT = "runs/tiny/best.safetensors"
 
 
-@contextlib.contextmanager
-def inside(folder: Path):
-    """The experiment's relative data paths start at its base folder."""
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(cwd)
-
-
 @pytest.fixture(scope="module")
 def exported(trained):
     """The tiny run exported once: (base, experiment path, ONNX path, what export printed)."""
     base, exp_path, _ = trained
     out = io.StringIO()
-    with inside(base), contextlib.redirect_stdout(out):
+    with contextlib.chdir(base), contextlib.redirect_stdout(out):  # the experiment's data paths start there
         status = export.main([str(exp_path), CKPT, "--format", "onnx", "tiny.onnx"])
     assert status == 0, out.getvalue()
     return base, exp_path, base / "tiny.onnx", out.getvalue()
@@ -86,7 +73,7 @@ def perturbed(model_bytes: bytes) -> bytes:
 
 def test_a_perturbed_graph_fails_the_parity_check(exported):
     base, exp_path, path, _ = exported
-    with inside(base):
+    with contextlib.chdir(base):
         trained = evaluate.load_for_inference(str(exp_path), CKPT)
         good = export.parity(path.read_bytes(), trained)
         bad = export.parity(perturbed(path.read_bytes()), trained)

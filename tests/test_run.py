@@ -29,9 +29,10 @@ from .fixtures import CLASSES, cli_env, experiment, make_data, make_shapes_data,
 pytestmark = pytest.mark.slow
 
 
-def imgcls(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def imgcls(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     # cli_env: this checkout's imgcls, not whichever one the environment has installed.
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=cli_env())
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env=env or cli_env())
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +198,8 @@ def test_two_runs_of_one_experiment_write_byte_identical_files(tmp_path, workers
     """Everything but timings.json is a function of (experiment, data, seed, machine): two processes
     running one experiment file on copies of one data set write the same bytes."""
     hashes = []
-    for copy in ("a", "b"):
-        base = make_data(tmp_path / copy)
+    for name in ("a", "b"):
+        base = make_data(tmp_path / name)
         exp = experiment(base, {"data": {"num_workers": workers, "test_dir": "data/val"} | {"val_dir": "data/val2"}})
         shutil.copytree(base / "data" / "val", base / "data" / "val2")
         result = imgcls("imgcls.run", str(exp), cwd=base)
@@ -285,8 +286,6 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def offline_env(torch_home: Path) -> dict[str, str]:
     """An empty torch hub cache, and downloads refused at once, whatever this machine can reach."""
-    from .fixtures import cli_env
-
     refused = "http://127.0.0.1:9"
     return cli_env(TORCH_HOME=str(torch_home), https_proxy=refused, http_proxy=refused, HTTPS_PROXY=refused, HTTP_PROXY=refused)
 
@@ -295,8 +294,7 @@ def smoke_cli(exp: Path, cwd: Path, env: dict[str, str]) -> tuple[subprocess.Com
     import time
 
     begun = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "imgcls.run", str(exp), "--smoke"], capture_output=True, text=True,
-                            cwd=cwd, env=env, timeout=300, check=False)
+    result = imgcls("imgcls.run", str(exp), "--smoke", cwd=cwd, env=env, timeout=300)
     return result, time.monotonic() - begun
 
 

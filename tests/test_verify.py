@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgcls import augment, checkpoint, config, data, run, train, verify
+from imgcls import augment, checkpoint, config, run, train, verify
 
 from .fixtures import fingerprint, image_array, train_tiny
 
