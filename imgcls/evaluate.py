@@ -150,7 +150,12 @@ def load_for_inference(exp_path: str, ckpt_path: str, tta: config.Tta | None = N
             + "\nuse the experiment the checkpoint came from (its run directory's config.toml)"
         )
     _check_classes(exp, saved.classes, ckpt_path)
-    device = runtime.resolve_device(exp.device, exp.train.precision)
+    device = runtime.resolve_device(exp.device, "fp32")
+    if trained.train.precision == "fp16" and device.type != "cuda":
+        # fp16 autocast is CUDA's; weights trained under it are float32 and answer in fp32 anywhere.
+        print(f"note: {ckpt_path} was trained with precision = \"fp16\" (CUDA only); evaluating in fp32 on the {device.type}",
+              file=sys.stderr)
+        trained, exp = (e.model_copy(update={"train": e.train.model_copy(update={"precision": "fp32"})}) for e in (trained, exp))
     model = models.build(models.untrained(trained.model), len(saved.classes), device, trained.train.channels_last)
     try:
         model.load_state_dict(saved.weights)

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from imgcls import calibrate, data, evaluate, predict
+from imgcls import calibrate, checkpoint, config, data, evaluate, predict
 from imgcls.errors import CheckpointError
 
 from .fixtures import experiment, make_split, train_tiny
@@ -285,3 +285,23 @@ def test_a_run_evaluates_val_with_its_tta_and_reports_ece_and_reliability(tmp_pa
     assert metrics["val"]["loss"] == flipped["loss"] != plain["loss"]
     assert metrics["val"]["ece"] == flipped["ece"] and 0 <= flipped["ece"] <= 1
     assert (run_dir / "reliability_val.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device \"auto\" would pick the GPU")
+def test_a_checkpoint_trained_in_fp16_answers_in_fp32_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """fp16 autocast exists on CUDA only, but the weights it trains are float32: a run trained in fp16
+    on a GPU (device "auto") is evaluated on a CPU-only machine in fp32, saying so, not refused."""
+    train_tiny(tmp_path, {"train": {"epochs": 1}})
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "runs" / "tiny" / "best.safetensors"
+    saved = checkpoint.load(ckpt)
+    on_gpu = config.loads(saved.meta["experiment"], "stored")
+    on_gpu = on_gpu.model_copy(update={"device": "cuda", "train": on_gpu.train.model_copy(update={"precision": "fp16"})})
+    saved.meta["experiment"] = config.to_toml(on_gpu)
+    checkpoint.save(ckpt, saved)
+    exp_path = experiment(tmp_path, {"device": "auto", "train": {"epochs": 1, "precision": "fp16"}}, "fp16.toml")
+    trained = evaluate.load_for_inference(str(exp_path), str(ckpt))
+    assert trained.inputs.precision == "fp32" and trained.exp.train.precision == "fp32"
+    assert 'trained with precision = "fp16"' in capsys.readouterr().err
+    paths, logits, _ = evaluate.split_logits(trained, "val")
+    assert len(paths) == len(logits) > 0 and bool(torch.isfinite(logits).all())
