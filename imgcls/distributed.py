@@ -56,6 +56,14 @@ class World:
         dist.all_reduce(out)
         return out.to(t.device)
 
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's obj, on every rank (what the others pass is ignored)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's obj, in rank order, on every rank."""
         if not self.distributed:
@@ -162,16 +170,18 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
 
 class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch, on any backend
-    (torch's SyncBatchNorm runs on GPUs only). Two differentiable all-reduces: the mean, then the
-    centred sum of squares, the same two passes a single process's BatchNorm makes."""
+    (torch's SyncBatchNorm runs on GPUs only). Two differentiable all-reduces: the sums (the pixel
+    count riding along as one more element), then the centred sums of squares, the same two passes
+    a single process's BatchNorm makes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = [0, 2, 3]
         count = torch.tensor([float(x.shape[0] * x.shape[2] * x.shape[3])], dtype=x.dtype)
-        n = _all_sum(count)  # differentiable collectives: the gradient crosses ranks too
-        mean = _all_sum(x.sum(dims)) / n
+        sums = _all_sum(torch.cat([x.sum(dims), count]))  # differentiable collectives: the gradient crosses ranks too
+        n = sums[-1:]
+        mean = sums[:-1] / n
         centred = x - mean.view(1, -1, 1, 1)
         var = _all_sum(centred.pow(2).sum(dims)) / n
         if self.track_running_stats:

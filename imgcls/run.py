@@ -60,13 +60,22 @@ def run(exp: config.Experiment, *, resume: bool = False, progress: bool = True, 
 
 @contextlib.contextmanager
 def _claim(exp: config.Experiment, resume: bool, world: distributed.World) -> Iterator[Path]:
-    """Rank 0 claims the run directory (lock and reuse rules); the others wait until it has."""
+    """Rank 0 claims the run directory (lock and reuse rules) and tells the others how it went: a
+    refused claim stops every rank with rank 0's reason (on another machine, the others would only
+    have seen rank 0 vanish, after the collectives' timeout)."""
     if not world.is_main:
-        world.barrier()
+        refusal = world.from_main(None)
+        if refusal is not None:
+            raise UserError(refusal)
         yield Path(exp.output.root) / exp.name
         return
-    with rundir.claim(exp, resume) as run_path:
-        world.barrier()
+    with contextlib.ExitStack() as stack:
+        try:
+            run_path = stack.enter_context(rundir.claim(exp, resume))
+        except Exception as e:
+            world.from_main(str(e) if isinstance(e, UserError) else f"rank 0 could not claim the run folder: {e!r}")
+            raise
+        world.from_main(None)
         yield run_path
 
 

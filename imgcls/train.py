@@ -146,11 +146,16 @@ class Ema:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for ema, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
-            if ema.is_floating_point():
-                ema.lerp_(current, 1.0 - self.decay)
-            else:
-                ema.copy_(current)
+        averaged, copied = [], []
+        for ema, current in zip(self.model.state_dict(keep_vars=True).values(),
+                                model.state_dict(keep_vars=True).values(), strict=True):
+            if isinstance(current, nn.Parameter) and not current.requires_grad:
+                continue  # frozen (a backbone's 11M weights): its lerp would leave it as it is, bit for bit
+            (averaged if ema.is_floating_point() else copied).append((ema, current))
+        if averaged:  # one call for all tensors: on a GPU, a few fused kernels instead of one per tensor
+            torch._foreach_lerp_([e for e, _ in averaged], [c for _, c in averaged], 1.0 - self.decay)
+        for ema, current in copied:
+            ema.copy_(current)
 
 
 @dataclass

@@ -222,3 +222,20 @@ def test_a_killed_rank_ends_the_job_and_resume_finishes_it_exactly(tmp_path):
     finished(torchrun(tmp_path, exp, "--resume"))
     finished(whole)
     assert fingerprint(tmp_path / "runs/killed") == fingerprint(tmp_path / "runs/whole")
+
+
+@pytest.mark.slow
+def test_a_refused_claim_stops_every_rank_with_rank_0s_reason(one_process):
+    """torchrun into the folder of a finished run: rank 0 refuses the claim, and rank 1 stops at once
+    with the same reason of its own (it used to wait for rank 0 until torchrun killed it, or, on
+    another machine, until the collectives' timeout). The finished run is left as it was."""
+    before = fingerprint(one_process / "runs/tiny")
+    exp = experiment(one_process, SAME_AS_ONE)
+    start = time.monotonic()
+    proc = torchrun(one_process, exp, launcher=["--standalone", "--nproc_per_node", "2", "--tee", "3"])
+    out, err = proc.communicate(timeout=120)
+    assert time.monotonic() - start < 60
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert any(f"{rank}]:error: " in line and "already holds a finished run" in line for line in (out + err).splitlines()), (out + err)[-3000:]
+    assert fingerprint(one_process / "runs/tiny") == before

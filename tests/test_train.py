@@ -302,6 +302,28 @@ def test_the_average_after_k_steps_is_the_closed_form_sum(seed, decay, steps):
         assert torch.allclose(ema.double(), closed, rtol=1e-5, atol=1e-6), key
 
 
+@given(seed=st.integers(0, 2**16), decay=st.floats(0.01, 0.999), steps=st.integers(1, 4))
+def test_the_average_that_skips_frozen_weights_has_the_bits_of_one_that_averages_every_tensor(seed, decay, steps):
+    """Ema.update leaves frozen weights out; the average is still, bit for bit, a lerp of every floating
+    tensor of the state dict (BatchNorm's statistics of a frozen backbone included) and a copy of the rest."""
+    model = _scratch(seed).train()
+    model.backbone[0].requires_grad_(False)  # the first conv frozen; its BatchNorm still updates statistics
+    opt = _opt(model, ema_decay=decay)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(torch.rand(4, 3, 8, 8, generator=generator)), torch.tensor([0, 1, 2, 0]))
+        train.optimizer_step(model, opt, loss)
+        for key, current in model.state_dict().items():
+            if current.is_floating_point():
+                reference[key].lerp_(current, 1.0 - decay)
+            else:
+                reference[key].copy_(current)
+    averaged = opt.ema.model.state_dict()
+    assert averaged.keys() == reference.keys()
+    assert all(torch.equal(averaged[k], reference[k]) for k in reference), [k for k in reference if not torch.equal(averaged[k], reference[k])]
+
+
 @given(value=st.floats(-1e30, 1e30, allow_subnormal=True), decay=st.floats(1e-6, 1 - 1e-6))
 def test_the_average_of_a_tensor_that_never_changes_is_that_tensor_bit_for_bit(value, decay):
     """A frozen backbone's average stays its weights exactly (lerp, not decay * a + (1 - decay) * a)."""
