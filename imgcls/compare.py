@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import html
 import json
 import sys
 from collections import Counter
@@ -28,6 +27,7 @@ from imgcls import config, page, provenance, stats
 from imgcls.checkpoint import atomic_write
 from imgcls.errors import ConfigError, UserError, guarded
 from imgcls.report import display_name, text_safe
+from imgcls.report import html_text as _e  # every value a page shows goes through it
 from imgcls.rundir import MANIFEST, TIMINGS, FileChange, split_changes
 
 BOOTSTRAP_SEED = 0  # fixed, so a comparison prints the same interval every time
@@ -560,10 +560,6 @@ _CSS = (
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-def _e(text: str) -> str:
-    return html.escape(text_safe(text), quote=True)
-
-
 def comparison_html(c: Comparison) -> str:
     """A self-contained page (inline CSS and thumbnails, no script, nothing fetched) of the same sections."""
     parts = []
@@ -594,7 +590,7 @@ def _html_gallery(g: Gallery) -> str:
     for heading, flips in g.columns():
         figures = "".join(_figure(folder, f, g.labels) for f in flips[:THUMBNAILS])
         rest = flips[THUMBNAILS:FLIPS_ON_PAGE]
-        listed = ("<ul>" + "".join(f"<li>{_e(display_name(f.path))}</li>" for f in rest) + "</ul>") if rest else ""
+        listed = ("<ul>" + "".join(f"<li>{_e(f.path)}</li>" for f in rest) + "</ul>") if rest else ""
         left = len(flips) - FLIPS_ON_PAGE
         more = f"<p>... and {left} more (--json lists every one)</p>" if left > 0 else ""
         sides.append(f'<div class="side"><h4>{_e(heading)} ({len(flips)})</h4>'
@@ -604,13 +600,13 @@ def _html_gallery(g: Gallery) -> str:
 
 def _figure(folder: Path | None, f: Flip, labels: tuple[str, str]) -> str:
     thumb, why = thumbnail(folder, f) if folder is not None else (None, "split folder not found")
-    name = _e(display_name(f.path))
+    name = _e(f.path)
     if thumb:
         picture = f'<img src="data:image/jpeg;base64,{thumb}" alt="{name}">'
     else:
         picture = f'<div class="noimg">{_e(why)}</div>'
     said = ", ".join(f"{n}: {display_name(p)}" for n, p in zip(labels, f.predicted))
-    return f"<figure>{picture}<figcaption>{name}<br>true {_e(display_name(f.true))}<br>{_e(said)}</figcaption></figure>"
+    return f"<figure>{picture}<figcaption>{name}<br>true {_e(f.true)}<br>{_e(said)}</figcaption></figure>"
 
 
 def thumbnail(folder: Path, f: Flip) -> tuple[str | None, str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import html
 import io
 import json
 import statistics
@@ -31,7 +30,8 @@ from PIL import Image, ImageOps
 from imgcls import provenance, stats
 from imgcls.checkpoint import atomic_write
 from imgcls.errors import UserError, guarded
-from imgcls.report import display_name, text_safe
+from imgcls.report import text_safe
+from imgcls.report import html_text as _e  # every value a page shows goes through it
 
 GALLERY_MAX = 48
 THUMB_SIDE = 96  # pixels on the shorter side
@@ -352,12 +352,6 @@ def _png(run_dir: Path, name: str, alt: str) -> str:
 
 
 # ------------------------------------------------------------------ HTML pieces
-
-
-def _e(value: Any) -> str:
-    """Any value from the run as HTML text: each character a person could not see, or that would
-    reorder the line (controls, line breaks, bidi overrides, a stray non-UTF-8 byte), as its escape."""
-    return html.escape(display_name(str(value)), quote=True)
 
 
 def _pre(text: str) -> str:

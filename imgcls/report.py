@@ -15,6 +15,7 @@ as its format can:
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import re
@@ -62,6 +63,12 @@ def display_name(name: str, limit: int | None = None) -> str:
     if limit is not None and len(text) > limit:
         return text[: limit - 1] + "\u2026"
     return text
+
+
+def html_text(value: Any) -> str:
+    """Any value from a run as HTML text: `display_name` (each character a person could not see, or
+    that would reorder the line, as its escape), then HTML-escaped, quotes included."""
+    return html.escape(display_name(str(value)), quote=True)
 
 
 def plot_labels(names: list[str]) -> list[str]:

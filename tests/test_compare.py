@@ -244,6 +244,8 @@ def test_every_name_on_the_page_is_escaped(cls, path, label):
     shown = "".join(parsed.text)
     for name in (cls, path, label):
         assert display_name(name) in shown
+    # Nothing a person cannot see (a right-to-left override would reorder a line), beyond the markup's line breaks.
+    assert all(c.isprintable() for c in html_text.replace("\n", "")), [c for c in html_text if not c.isprintable()]
     assert display_name(path) in compare.comparison_text(result)
     json.dumps(result.to_json())
 
