@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
@@ -464,22 +465,33 @@ def prepare(cfg: C.DataConfig, progress: bool = True) -> Data:
 
 def _apply_policy(report: dict, cfg: C.DataConfig) -> None:
     """Warn about copies across splits and photos under two classes, or fail, as the experiment says."""
+    near, conflicts, bits = report["near_duplicates"], report["label_conflicts"], provenance.NEAR_DUPLICATE_BITS
     findings = [
-        ("leakage", cfg.leakage, report["leakage"], "file(s) in train are byte-identical to files in val/test",
-         lambda p: f"{p[0]} == {p[1]}"),
-        ("leakage", cfg.leakage, report["near_duplicates"], "image(s) in val/test look like resized or re-encoded "
-         "copies of training images", lambda p: f"{p['train']} ~ {p['other']} ({p['bits']} bits apart)"),
-        ("label_conflicts", cfg.label_conflicts, report["label_conflicts"], "photo(s) appear under two classes",
+        ("leakage", cfg.leakage, len(report["leakage"]), report["leakage"],
+         f"{len(report['leakage'])} file(s) in train are byte-identical to files in val/test", lambda p: f"{p[0]} == {p[1]}"),
+        ("leakage", cfg.leakage, near["pairs"], near["listed"],
+         f"{near['images']} image(s) in val/test look like resized or re-encoded copies of training images "
+         f"({near['pairs']} pair(s) within {bits} bits)" + _alike(near),
+         lambda p: f"{p['train']} ~ {p['other']} ({p['bits']} bits apart)"),
+        ("label_conflicts", cfg.label_conflicts, conflicts["pairs"], conflicts["listed"],
+         f"{conflicts['pairs']} pair(s) of files under two classes look like one photo ({conflicts['images']} files)"
+         + _alike(conflicts),
          lambda p: f"{p['a']} ({p['class_a']}) ~ {p['b']} ({p['class_b']})"),
     ]
-    for key, policy, found, what, show in findings:
-        if not found:
+    for key, policy, count, listed, message, show in findings:
+        if not count:
             continue
-        message = f"{len(found)} {what}"
         if policy == "fail":
-            listing = "\n".join(f"  - {show(p)}" for p in found[:20])
+            listing = "\n".join(f"  - {show(p)}" for p in listed[:20])
             raise DataError(f"{message}:\n{listing}\nremove the copies, or set data.{key} = \"warn\"")
         report["warnings"].append(message)
+
+
+def _alike(finding: dict) -> str:
+    if finding["pairs"] < max(1, ALIKE_PAIRS_PER_IMAGE * finding["images"]):
+        return ""
+    return (f"; {finding['pairs'] / finding['images']:.0f} pairs an image: the perceptual hash tells these images apart "
+            "poorly (tiny or alike images), so most pairs are not copies")
 
 
 def _refuse_untrainable(train: Split, classes: list[str], skipped: bool) -> None:
@@ -509,21 +521,48 @@ def decode_split(split: Split, cfg: C.DataConfig, progress: bool) -> tuple[cache
     return found.images, found.failures
 
 
-def _near_duplicates(splits: dict[str, Split], classes: list[str]) -> tuple[list[dict], list[dict]]:
+# Pairs kept in preflight.json per finding, closest first; the counts cover them all. Tiny or alike
+# images (Fashion-MNIST's 28 px silhouettes) put ~1.5M pairs within the threshold: a 300 MB report.
+LISTED_PAIRS = 1000
+# A real copy matches one training image, or a few; an image matching this many on average says the
+# hash cannot tell the data's images apart, and the warning says so.
+ALIKE_PAIRS_PER_IMAGE = 10
+
+
+def _near_duplicates(splits: dict[str, Split], classes: list[str]) -> tuple[dict, dict]:
     """Pairs of images within provenance.NEAR_DUPLICATE_BITS of each other, compared against train:
     a copy in val/test that is not byte-identical (leakage), and one photo under two classes
-    (a conflict, within train or across splits)."""
-    train, leaks, conflicts = splits["train"], [], []
-    for name, split in splits.items():
-        for i, j, bits in provenance.near_duplicates(train.phashes, split.phashes, provenance.NEAR_DUPLICATE_BITS):
-            if name == "train" and i >= j:
-                continue  # each pair once, and never an image with itself
-            if train.labels[i] != split.labels[j]:
-                conflicts.append({"a": train.paths[i], "class_a": classes[train.labels[i]], "b": split.paths[j],
-                                  "class_b": classes[split.labels[j]], "bits": bits})
-            elif name != "train" and train.sha256[i] != split.sha256[j]:
-                leaks.append({"train": train.paths[i], "other": split.paths[j], "bits": bits})
-    return leaks, conflicts
+    (a conflict, within train or across splits). Each finding counts its pairs and the images in
+    them (leaks: the val/test images; conflicts: the files on either side), and lists the
+    LISTED_PAIRS closest pairs."""
+    names, train = list(splits), splits["train"]
+    train_labels, train_sha = np.asarray(train.labels), np.asarray(train.sha256)
+    leaks, conflicts = [np.empty((4, 0), np.int64)], [np.empty((4, 0), np.int64)]  # rows: split, i (train), j, bits
+    for k, (name, split) in enumerate(splits.items()):
+        i, j, bits = provenance.near_duplicates(train.phashes, split.phashes, provenance.NEAR_DUPLICATE_BITS).T
+        if name == "train":
+            i, j, bits = i[i < j], j[i < j], bits[i < j]  # each pair once, and never an image with itself
+        pairs = np.stack([np.full_like(i, k), i, j, bits])
+        differ = train_labels[i] != np.asarray(split.labels)[j]
+        conflicts.append(pairs[:, differ])
+        if name != "train":
+            leaks.append(pairs[:, ~differ & (train_sha[i] != np.asarray(split.sha256)[j])])  # byte-identical: `leakage`
+    leak, conflict = np.concatenate(leaks, axis=1), np.concatenate(conflicts, axis=1)
+
+    def closest(found: np.ndarray) -> list[list[int]]:
+        return found[:, np.lexsort(found[[2, 1, 0, 3]])[:LISTED_PAIRS]].T.tolist()  # by bits, then split, i, j
+
+    def files(*sides: np.ndarray) -> int:
+        return len(np.unique(np.concatenate([split << 32 | index for split, index in sides])))
+
+    train_k = np.full_like(conflict[1], names.index("train"))
+    return (
+        {"pairs": leak.shape[1], "images": files((leak[0], leak[2])),
+         "listed": [{"train": train.paths[i], "other": splits[names[k]].paths[j], "bits": b} for k, i, j, b in closest(leak)]},
+        {"pairs": conflict.shape[1], "images": files((train_k, conflict[1]), (conflict[0], conflict[2])),
+         "listed": [{"a": train.paths[i], "class_a": classes[train.labels[i]], "b": splits[names[k]].paths[j],
+                     "class_b": classes[splits[names[k]].labels[j]], "bits": b} for k, i, j, b in closest(conflict)]},
+    )
 
 
 def _leakage(splits: dict[str, Split]) -> list[tuple[str, str]]:

@@ -164,24 +164,37 @@ def _left_out(splits: dict[str, dict], bad_images: list[str]) -> str:
 
 
 def _copies(preflight: dict) -> str:
-    leakage, near, conflicts = preflight["leakage"], preflight["near_duplicates"], preflight["label_conflicts"]
+    leakage = preflight["leakage"]
+    near, conflicts = (_pairs(preflight[key]) for key in ("near_duplicates", "label_conflicts"))
     return "".join([
         _finding("file in val/test is byte-identical to", "Files in val/test byte-identical to", "a training file",
-                 ["train", "val/test"], [list(p) for p in leakage]),
+                 ["train", "val/test"], [list(p) for p in leakage], f"{len(leakage)}"),
         _finding("image in val/test is within a few bits of", "Images in val/test within a few bits of",
                  "a training image (a resized or re-encoded copy)",
-                 ["train", "val/test", "bits apart"], [[p["train"], p["other"], p["bits"]] for p in near]),
-        _finding("photo is", "Photos", "under two classes", ["file", "class", "file", "class", "bits apart"],
-                 [[p["a"], p["class_a"], p["b"], p["class_b"], p["bits"]] for p in conflicts]),
+                 ["train", "val/test", "bits apart"], [[p["train"], p["other"], p["bits"]] for p in near["listed"]],
+                 _count(near, f"{near['images']} ({near['pairs']} pairs)"), "closest"),
+        _finding("photo is", "Pairs of files that look like one photo", "under two classes",
+                 ["file", "class", "file", "class", "bits apart"],
+                 [[p["a"], p["class_a"], p["b"], p["class_b"], p["bits"]] for p in conflicts["listed"]],
+                 _count(conflicts, f"{conflicts['pairs']} ({conflicts['images']} files)"), "closest"),
     ])
 
 
-def _finding(none: str, some: str, what: str, head: list[str], rows: list[list]) -> str:
-    """'No <none> <what>.', or '<some> <what>: N' above a table of the first LIST_MAX."""
+def _pairs(finding: dict | list) -> dict:
+    """A finding as this imgcls records it; a run of an imgcls before the counts kept every pair as a list."""
+    return finding if isinstance(finding, dict) else {"pairs": len(finding), "images": None, "listed": finding}
+
+
+def _count(finding: dict, counted: str) -> str:
+    return counted if finding["images"] is not None else f"{finding['pairs']} pairs"
+
+
+def _finding(none: str, some: str, what: str, head: list[str], rows: list[list], count: str, which: str = "first") -> str:
+    """'No <none> <what>.', or '<some> <what>: <count>' above a table of the LIST_MAX first (or closest) rows."""
     if not rows:
         return f'<p class="ok">No {none} {what}.</p>'
-    shown = f", the first {LIST_MAX} below" if len(rows) > LIST_MAX else ""
-    return f'<p class="warn">{some} {what}: {len(rows)}{shown}.</p>' + _scroll(_table(head, rows[:LIST_MAX]))
+    shown = f", the {which} {LIST_MAX} below" if len(rows) > LIST_MAX else ""
+    return f'<p class="warn">{some} {what}: {count}{shown}.</p>' + _scroll(_table(head, rows[:LIST_MAX]))
 
 
 def _curves(run_dir: Path) -> str:

@@ -58,12 +58,17 @@ class Predictor:
     used: dict[str, Any]
 
 
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Probabilities of uncalibrated logits."""
+    return logits.softmax(1)
+
+
 def from_checkpoint(trained: evaluate.Trained) -> Predictor:
     d, cal = trained.exp.data, trained.calibration
     return Predictor(
         trained.classes, d.resize_size, d.image_size, d.eval_batch_size,
         lambda batch: evaluate.forward(trained.model, batch, trained.inputs, trained.tta),
-        cal.probabilities if cal else lambda logits: logits.softmax(1),
+        cal.probabilities if cal else softmax,
         {"tta": trained.tta, "temperature": cal.temperature if cal else None},
     )
 
@@ -159,7 +164,6 @@ def from_onnx(model: str | bytes, source: str) -> Predictor:
         return torch.from_numpy(session.run([ONNX_OUTPUT], {ONNX_INPUT: batch.numpy()})[0])
 
     # An export is the plain model: no test-time augmentation, no temperature.
-    softmax = lambda x: x.softmax(1)  # noqa: E731
     return Predictor(meta.classes, meta.resize_size, meta.image_size, batch_size, logits, softmax,
                      {"tta": "none", "temperature": None})
 

@@ -94,40 +94,31 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def _bit_counts(width: int) -> np.ndarray:
-    table = np.array([bin(v).count("1") for v in range(2**width)], dtype=np.uint8)
-    table.flags.writeable = False
-    return table
+# Bytes per (a, b) pair held at once: the XOR (8), its popcounts (1) and the mask (1). Blocks of
+# ~16 MB stay near the CPU's caches: 2.5-2.8 ns a pair on 2 cores, against 9-11 ns for 16-bit table
+# lookups in 128 MB blocks (20k x 20k random hashes, AVX-512 VM).
+_BYTES_PER_PAIR = 10
+_CHUNK_BYTES = 16 * 2**20
 
 
-# Set bits of every 16-bit value: a uint64's popcount is four lookups and three adds, 4x quicker
-# than eight byte lookups and a sum over a length-8 axis (0.28 s against 1.2 s for 2e7 pairs).
-_BIT_COUNTS = _bit_counts(16)
-# Bytes per (a, b) pair held at once: the XOR (8), four looked-up counts (4), the partial sums and the
-# mask; tracemalloc saw ~22 per pair, and a 113 MB peak for 10k x 10k hashes (2.0 s on 2 cores).
-_BYTES_PER_PAIR = 24
-_CHUNK_BYTES = 128 * 2**20
-
-
-def near_duplicates(hashes_a: list[int], hashes_b: list[int], max_distance: int) -> list[tuple[int, int, int]]:
-    """Every (i, j, distance) with hamming(hashes_a[i], hashes_b[j]) <= max_distance, in (i, j) order.
+def near_duplicates(hashes_a: list[int], hashes_b: list[int], max_distance: int) -> np.ndarray:
+    """Every (i, j, distance) with hamming(hashes_a[i], hashes_b[j]) <= max_distance, in (i, j) order,
+    as the rows of an int64 array of shape (pairs, 3).
 
     All pairs are compared, in blocks of rows of a so memory stays near _CHUNK_BYTES however long
-    hashes_a is (a single row of hashes_b takes 24 bytes a hash: 5M of them fit in 128 MB).
+    hashes_a is; the time grows with len(a) * len(b) (55k x 70k: ~10 s).
     """
     a = np.asarray(hashes_a, dtype=np.uint64)
     b = np.asarray(hashes_b, dtype=np.uint64)
-    if a.size == 0 or b.size == 0:
-        return []
+    found = [np.empty((0, 3), dtype=np.int64)]
+    if b.size == 0:
+        return found[0]
     rows = max(1, _CHUNK_BYTES // (_BYTES_PER_PAIR * b.size))
-    found: list[tuple[int, int, int]] = []
     for start in range(0, a.size, rows):
-        xor = a[start : start + rows, None] ^ b[None, :]
-        counts = _BIT_COUNTS[xor.view(np.uint16)].reshape(*xor.shape, 4)
-        distance = counts[..., 0] + counts[..., 1] + counts[..., 2] + counts[..., 3]
+        distance = np.bitwise_count(a[start : start + rows, None] ^ b[None, :])
         i, j = np.nonzero(distance <= max_distance)
-        found += zip((i + start).tolist(), j.tolist(), distance[i, j].tolist())
-    return found
+        found.append(np.stack([i + start, j, distance[i, j]], axis=1).astype(np.int64))
+    return np.concatenate(found)
 
 
 # ------------------------------------------------------------------------------------ environment

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile
 
-from imgcls import augment, checkpoint, config, data, decoding, evaluate, models, predict, run, rundir
+from imgcls import augment, checkpoint, config, data, decoding, evaluate, models, predict, provenance, run, rundir
 from imgcls.errors import DataError
 
 from .fixtures import (
@@ -691,13 +691,80 @@ def test_resized_jpeg_copies_across_splits_and_photos_under_two_classes_are_repo
     shutil.copy(train[(which + 1) % 4], conflict)
     cfg = config.DataConfig(train_dir=str(root / "train"), val_dir=str(root / "val"), image_size=64)
     found = data.prepare(cfg, progress=False).report
-    assert [(p["train"], p["other"]) for p in found["near_duplicates"]] == [(str(train[which]), str(copy))]
-    assert [(p["a"], p["class_a"], p["b"], p["class_b"]) for p in found["label_conflicts"]] == [
+    near, conflicts = found["near_duplicates"], found["label_conflicts"]
+    assert [(p["train"], p["other"]) for p in near["listed"]] == [(str(train[which]), str(copy))]
+    assert (near["pairs"], near["images"]) == (1, 1)
+    assert [(p["a"], p["class_a"], p["b"], p["class_b"]) for p in conflicts["listed"]] == [
         (str(train[(which + 1) % 4]), "a", str(conflict), "b")
     ]
-    assert any("look like resized or re-encoded copies" in w for w in found["warnings"])
-    with pytest.raises(DataError, match="1 photo\\(s\\) appear under two classes"):
+    assert (conflicts["pairs"], conflicts["images"]) == (1, 2)
+    assert any("1 image(s) in val/test look like resized or re-encoded copies" in w for w in found["warnings"])
+    with pytest.raises(DataError, match="1 pair\\(s\\) of files under two classes look like one photo \\(2 files\\)"):
         data.prepare(cfg.model_copy(update={"label_conflicts": "fail"}), progress=False)
+
+
+@st.composite
+def hashed_splits(draw: st.DrawFn) -> dict[str, data.Split]:
+    """train/val/test of a few images each: perceptual hashes a few bit flips from two bases (so
+    many pairs fall within the threshold), labels of two classes, and some files byte-identical."""
+    bases = draw(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=2))
+    flips = st.lists(st.integers(0, 63), max_size=6).map(lambda f: sum(1 << k for k in set(f)))
+    splits = {}
+    for name in ("train", "val", "test"):
+        n = draw(st.integers(1 if name == "train" else 0, 8))
+        phashes = [draw(st.sampled_from(bases)) ^ draw(flips) for _ in range(n)]
+        shas = [draw(st.sampled_from(["same", f"{name}{k}"])) for k in range(n)]
+        labels = draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+        splits[name] = data.Split(name, name, [f"{name}/{k}.png" for k in range(n)], labels, sha256=shas, phashes=phashes)
+    return splits
+
+
+@given(splits=hashed_splits(), listed=st.integers(1, 5))
+def test_near_duplicate_findings_count_every_pair_and_list_the_closest(splits, listed):
+    """Against a brute force over every pair: the counts of pairs and of images in them, and the
+    listed pairs: the `listed` closest, by bits, then split, then file order."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "LISTED_PAIRS", listed)
+        leaks, conflicts = data._near_duplicates(splits, ["a", "b"])
+    train, near = splits["train"], []
+    for k, (name, split) in enumerate(splits.items()):
+        for i, x in enumerate(train.phashes):
+            for j, y in enumerate(split.phashes):
+                bits = bin(x ^ y).count("1")
+                if bits <= provenance.NEAR_DUPLICATE_BITS and (name != "train" or i < j):
+                    near.append((bits, k, i, j, name, train.labels[i] != split.labels[j], train.sha256[i] == split.sha256[j]))
+    want_leaks = sorted(p for p in near if p[4] != "train" and not p[5] and not p[6])
+    want_conflicts = sorted(p for p in near if p[5])
+    assert (leaks["pairs"], leaks["images"]) == (len(want_leaks), len({(p[4], p[3]) for p in want_leaks}))
+    files = {("train", p[2]) for p in want_conflicts} | {(p[4], p[3]) for p in want_conflicts}
+    assert (conflicts["pairs"], conflicts["images"]) == (len(want_conflicts), len(files))
+    assert [(p["train"], p["other"], p["bits"]) for p in leaks["listed"]] == [
+        (f"train/{i}.png", f"{name}/{j}.png", bits) for bits, _, i, j, name, *_ in want_leaks[:listed]]
+    assert [(p["a"], p["b"], p["bits"]) for p in conflicts["listed"]] == [
+        (f"train/{i}.png", f"{name}/{j}.png", bits) for bits, _, i, j, name, *_ in want_conflicts[:listed]]
+
+
+def test_alike_images_are_counted_listed_closest_first_and_said_to_be_alike(tmp_path, monkeypatch):
+    """Forty training images that hash alike, and twenty in val: 400 pairs of 20 val images, 800 pairs
+    under two classes, of which preflight.json lists the LISTED_PAIRS closest, and the warnings say
+    the hash cannot tell these images apart."""
+    for split, n in (("train", 40), ("val", 20)):
+        for k in range(n):
+            path = tmp_path / split / ("a" if k % 2 else "b") / f"{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = np.zeros((28, 28, 3), np.uint8)
+            pixels[6:22, 8:20] = (200 if split == "train" else 150) + k  # one silhouette on black, shades apart
+            Image.fromarray(pixels).save(path)
+    cfg = config.DataConfig(train_dir=str(tmp_path / "train"), val_dir=str(tmp_path / "val"), image_size=28, resize_size=28,
+                            cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "LISTED_PAIRS", 50)
+    found = data.prepare(cfg, progress=False).report
+    near, conflicts = found["near_duplicates"], found["label_conflicts"]
+    assert (near["pairs"], near["images"]) == (400, 20)  # val images with the training images of their class
+    assert (conflicts["pairs"], conflicts["images"]) == (20 * 20 + 20 * 20, 60)  # within train, and train x val
+    assert len(near["listed"]) == len(conflicts["listed"]) == 50
+    assert [p["bits"] for p in conflicts["listed"]] == sorted(p["bits"] for p in conflicts["listed"])
+    assert any(w.startswith("20 image(s) in val/test") and "tells these images apart poorly" in w for w in found["warnings"])
 
 
 @pytest.mark.slow

@@ -129,6 +129,29 @@ def test_a_page_of_1000_classes_is_built_in_a_second_and_stays_small(hostile_run
     assert all(f"<td>{c}</td>" in html for c in (classes[0], classes[-1]))  # every class has its rows
 
 
+@pytest.mark.parametrize("recorded", ["counted", "every pair listed"])
+def test_near_duplicates_show_their_counts_and_the_closest_pairs(hostile_run, tmp_path, recorded):
+    """preflight.json as imgcls writes it (counts, the closest pairs) and as an imgcls before the
+    counts wrote it (every pair in a list): the page shows the count and LIST_MAX rows either way."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(hostile_run, run_dir)
+    preflight = json.loads((run_dir / "preflight.json").read_text())
+    pairs = [{"train": f"near{i}.png", "other": f"v{i % 7}.png", "bits": 2 + i % 3} for i in range(120)]
+    conflicts = [{"a": f"conflict{i}.png", "class_a": "x", "b": f"u{i}.png", "class_b": "y", "bits": 4} for i in range(60)]
+    if recorded == "counted":
+        preflight |= {"near_duplicates": {"pairs": 9000, "images": 7, "listed": pairs},
+                      "label_conflicts": {"pairs": 60, "images": 120, "listed": conflicts}}
+        counts = ["within a few bits of a training image (a resized or re-encoded copy): 7 (9000 pairs), the closest",
+                  "under two classes: 60 (120 files), the closest"]
+    else:
+        preflight |= {"near_duplicates": pairs, "label_conflicts": conflicts}
+        counts = ["a resized or re-encoded copy): 120 pairs, the closest", "under two classes: 60 pairs, the closest"]
+    (run_dir / "preflight.json").write_text(json.dumps(preflight))
+    html = page.write_report(run_dir).read_text(encoding="utf-8")
+    assert all(c in html for c in counts), counts
+    assert html.count("<tr><td>near") == html.count("<tr><td>conflict") == page.LIST_MAX
+
+
 def test_without_a_browser_the_browser_tests_skip_unless_one_is_required(monkeypatch, tmp_path):
     monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "no-chromium")
     monkeypatch.delenv(browser.REQUIRE, raising=False)

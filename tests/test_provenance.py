@@ -86,7 +86,7 @@ def test_independent_images_are_far_apart() -> None:
     rng = np.random.default_rng(7)
     images = [structured_image(i, *rng.integers(16, 201, 2)) for i in range(200)]
     hashes = [provenance.perceptual_hash(torch.from_numpy(a).permute(2, 0, 1).contiguous()) for a in images]
-    close = [(i, j) for i, j, _ in provenance.near_duplicates(hashes, hashes, provenance.NEAR_DUPLICATE_BITS) if i < j]
+    close = [(i, j) for i, j, _ in provenance.near_duplicates(hashes, hashes, provenance.NEAR_DUPLICATE_BITS).tolist() if i < j]
     assert len(close) / (200 * 199 / 2) < 1e-3
     assert len(set(hashes)) == len(hashes)
 
@@ -124,7 +124,7 @@ def test_near_duplicates_matches_brute_force(
     distances = [(i, j, bin(x ^ y).count("1")) for i, x in enumerate(a) for j, y in enumerate(b)]
     expected = [(i, j, d) for i, j, d in distances if d <= max_distance]
     with mock.patch.object(provenance, "_CHUNK_BYTES", chunk_bytes):
-        assert provenance.near_duplicates(a, b, max_distance) == expected
+        assert provenance.near_duplicates(a, b, max_distance).tolist() == [list(e) for e in expected]
 
 
 def test_near_duplicates_of_ten_thousand_squared_is_quick() -> None:
@@ -132,7 +132,7 @@ def test_near_duplicates_of_ten_thousand_squared_is_quick() -> None:
     rng = np.random.default_rng(0)
     hashes = rng.integers(0, 2**64 - 1, 10_000, dtype=np.uint64, endpoint=True).tolist()
     found = provenance.near_duplicates(hashes, hashes, 0)
-    assert [(i, j) for i, j, _ in found] == [(i, i) for i in range(10_000)]
+    assert found[:, :2].tolist() == [[i, i] for i in range(10_000)]
 
 
 # ------------------------------------------------------------------------------------- environment
