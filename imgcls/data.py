@@ -105,10 +105,14 @@ def image_files(folder: str, skipped: Counter, others: Counter | None = None) ->
                 skipped["not an image extension"] += 1
                 if others is not None:
                     others[os.path.splitext(fname)[1] or "no extension"] += 1
-            elif os.path.realpath(path) in seen_files:
-                skipped["duplicate link to the same file"] += 1
             else:
-                seen_files.add(os.path.realpath(path))
+                # The folder's real path is known: only a link needs resolving (realpath lstats every
+                # component of the path: 7.8 s of a 70k-file scan).
+                real_path = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, fname)
+                if real_path in seen_files:
+                    skipped["duplicate link to the same file"] += 1
+                    continue
+                seen_files.add(real_path)
                 found.append(path)
     return found
 
