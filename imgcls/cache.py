@@ -60,14 +60,27 @@ class Hashed:
     sha256: str
 
 
+# Files a hashing task takes: one task per file cost more pool bookkeeping than hashing a 1 KB PNG.
+HASH_CHUNK = 64
+
+
 def hash_files(paths: Sequence[str], workers: int, progress: bool, desc: str) -> list[Hashed | str]:
     """Size and SHA-256 of every file, or the reason it cannot be read (an error message).
 
     Threads, not processes: hashing is reading, and hashlib releases the GIL on large buffers.
     """
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = pool.map(_hash_one, paths)
-        return list(tqdm(results, total=len(paths), desc=desc, unit="img", disable=not progress, leave=False))
+    found: list[Hashed | str] = []
+    chunks = [paths[i : i + HASH_CHUNK] for i in range(0, len(paths), HASH_CHUNK)]
+    with ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for hashed in pool.map(_hash_some, chunks):
+            found += hashed
+            bar.update(len(hashed))
+    return found
+
+
+def _hash_some(paths: Sequence[str]) -> list[Hashed | str]:
+    return [_hash_one(path) for path in paths]
 
 
 def _hash_one(path: str) -> Hashed | str:

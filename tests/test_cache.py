@@ -3,6 +3,7 @@ or race, and runs that cannot tell a cache hit from a miss."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 from pathlib import Path
@@ -183,3 +184,25 @@ def test_building_a_cache_leaves_the_process_thread_count_alone(tmp_path):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(previous)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(0, 3 * cache.HASH_CHUNK), missing=st.sets(st.integers(0, 3 * cache.HASH_CHUNK)), workers=st.integers(1, 3))
+def test_hashing_gives_every_files_digest_in_order_across_chunks(tmp_path_factory, n, missing, workers):
+    """Any number of files over any number of chunks and threads: each path's own size and SHA-256,
+    in the paths' order, and an unreadable path's reason in its place."""
+    folder = tmp_path_factory.mktemp("hashing")
+    paths = []
+    for i in range(n):
+        path = folder / f"{i}.bin"
+        if i not in missing:
+            path.write_bytes(str(i).encode() * (i % 7 + 1))
+        paths.append(str(path))
+    found = cache.hash_files(paths, workers, progress=False, desc="hash")
+    assert len(found) == n
+    for i, (path, got) in enumerate(zip(paths, found)):
+        if i in missing:
+            assert isinstance(got, str) and path in got
+        else:
+            blob = Path(path).read_bytes()
+            assert got == cache.Hashed(len(blob), hashlib.sha256(blob).hexdigest())
