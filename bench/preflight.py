@@ -28,10 +28,11 @@ cfg = config.DataConfig(train_dir=sys.argv[1] + "/train", val_dir=sys.argv[1] + 
 start = time.perf_counter()
 found = data.prepare(cfg, progress=False)
 prepared = time.perf_counter() - start
-out = Path(tempfile.mkdtemp()) / "preflight.json"
-report.write_json(out, found.report)
-print(json.dumps({"prepare_s": prepared, "total_s": time.perf_counter() - start, "bytes": out.stat().st_size,
-                  "warnings": found.report["warnings"]}))
+with tempfile.TemporaryDirectory() as folder:  # an old revision's report can be 300 MB: never left behind
+    out = Path(folder) / "preflight.json"
+    report.write_json(out, found.report)
+    total, size = time.perf_counter() - start, out.stat().st_size
+print(json.dumps({"prepare_s": prepared, "total_s": total, "bytes": size, "warnings": found.report["warnings"]}))
 """
 
 
