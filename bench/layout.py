@@ -1,7 +1,13 @@
-"""`python -m bench.layout [--rounds N]`: what keeping decoded images in HWC memory would save on the
-data path. 64 uint8 images 146x195 (the decoded cache's CHW layout, and the same pixels in HWC memory),
-each centre-cropped (validation) or cropped, resized to 128 and flipped (training), put in a batch
-(CHW: torch.stack; HWC: copied into a channels_last batch) and normalised; microseconds an image.
+"""`python -m bench.layout [--rounds N]`: what the decoded cache's (H, W, 3) layout buys on the data path
+against the (3, H, W) layout it had before (cache FORMAT 1), and whether loading on one torch thread
+instead of the process's two would pay.
+
+64 uint8 images 146x195 (G1's scratch CNN images at resize 146), the same pixels in both layouts,
+through imgcls's own keyed ops (augment.BatchAugment: per image, then one channels_last batch; on 1 or
+2 threads) and data.Normalize (channels_last, on the process's 2 threads): validation's centre crop,
+and training's random_resized_crop + flip to 128. Also torch's uint8 antialiased resize alone (a
+120x150 crop to 128x128), each layout on 1 and 2 threads. Microseconds an image, interleaved rounds,
+medians; the two layouts' batches are checked equal.
 """
 
 from __future__ import annotations
@@ -15,43 +21,59 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from bench.common import interleaved, machine, ratio
+from imgcls import augment, config
 from imgcls.data import Normalize
 
 N, SIZE = 64, 128
+OPS = {
+    "validation": (),
+    "training": (config.RandomResizedCrop(op="random_resized_crop", scale=[0.35, 1.0]), config.HorizontalFlip(op="horizontal_flip")),
+}
 
 
-def batches(images: list[torch.Tensor], channels_last: bool, view: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    if not channels_last:
-        return torch.stack([view(im) for im in images])
-    out = torch.empty(N, SIZE, SIZE, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
-    for k, im in enumerate(images):
-        out[k] = view(im)
-    return out
+def on_threads(n: int, load: Callable[[], torch.Tensor], then: Callable[[torch.Tensor], object] = lambda x: x) -> Callable[[], float]:
+    """Microseconds an image (5 calls) of load on n torch threads, then `then` on the process's count
+    (as a loader in the main process hands its batch to Normalize)."""
+
+    def go() -> float:
+        previous = torch.get_num_threads()
+        start = time.perf_counter()
+        for _ in range(5):
+            torch.set_num_threads(n)
+            try:
+                batch = load()
+            finally:
+                torch.set_num_threads(previous)
+            then(batch)
+        return (time.perf_counter() - start) / 5 / N * 1e6
+
+    return go
 
 
 def measure(rounds: int) -> dict:
     torch.manual_seed(0)
     normalize = Normalize([0.5] * 3, [0.25] * 3, channels_last=True)
     chw = [torch.randint(0, 256, (3, 146, 195), dtype=torch.uint8) for _ in range(N)]
-    hwc = [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in chw]  # same pixels, HWC memory
-    views = {
-        "validation": lambda im: im[:, 9:137, 33:161],
-        "training": lambda im: F.resize(im[:, 5:105, 10:110], [SIZE, SIZE], antialias=True).flip(-1),
-    }
+    hwc = [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in chw]  # same pixels, (H, W, 3) memory
     out = {}
-    for path, view in views.items():
-        assert torch.equal(normalize(batches(chw, False, view)), normalize(batches(hwc, True, view)))
+    for path, ops in OPS.items():
+        keyed = augment.BatchAugment(ops, SIZE)
+        load = {name: (lambda images=images: keyed(images, 0, 1, list(range(N)))) for name, images in (("chw", chw), ("hwc", hwc))}
+        assert torch.equal(normalize(load["chw"]()), normalize(load["hwc"]()))
+        figures = interleaved({f"{name} {n} thread{'s' * (n > 1)}": on_threads(n, fn, normalize) for name, fn in load.items()
+                               for n in (2, 1)}, rounds)
+        out[path] = {"us_per_image": figures,
+                     "hwc / chw, 2 threads": ratio(figures["hwc 2 threads"]["median"], figures["chw 2 threads"]["median"])}
+    crops = {"chw": [im[:, 10:130, 20:170] for im in chw], "hwc": [im[:, 10:130, 20:170] for im in hwc]}
 
-        def timed(images: list[torch.Tensor], channels_last: bool) -> Callable[[], float]:
-            def go() -> float:
-                start = time.perf_counter()
-                for _ in range(5):
-                    normalize(batches(images, channels_last, view))
-                return (time.perf_counter() - start) / 5 / N * 1e6
-            return go
+    def resize(images: list[torch.Tensor]) -> Callable[[], object]:
+        return lambda: [F.resize(im[None], [SIZE, SIZE], antialias=True) for im in images]
 
-        figures = interleaved({"chw": timed(chw, False), "hwc": timed(hwc, True)}, rounds)
-        out[path] = {"us_per_image": figures, "hwc / chw": ratio(figures["hwc"]["median"], figures["chw"]["median"])}
+    figures = interleaved({f"{name} {n} thread{'s' * (n > 1)}": on_threads(n, resize(images)) for name, images in crops.items()
+                           for n in (2, 1)}, rounds)
+    out["resize alone"] = {"us_per_image": figures,
+                           "hwc / chw, 2 threads": ratio(figures["hwc 2 threads"]["median"], figures["chw 2 threads"]["median"]),
+                           "hwc / chw, 1 thread": ratio(figures["hwc 1 thread"]["median"], figures["chw 1 thread"]["median"])}
     return out
 
 

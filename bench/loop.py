@@ -49,7 +49,7 @@ class Contest:
     def __init__(self, name: str, precision: str, n_train: int, n_val: int, augment: list[dict] = AUGMENT,
                  num_workers: int = 0, device: str = "cpu", batch: int = BATCH):
         model_cfg, size, jpeg = MODELS[name]
-        root = generated_folder(f"{name.replace('@', '_')}_{n_train}", 4, {"train": n_train // 4, "val": n_val // 4}, jpeg)
+        root = generated_folder(f"{name.replace('@', '_')}_{n_train}_{n_val}", 4, {"train": n_train // 4, "val": n_val // 4}, jpeg)
         self.exp = exp = experiment(model_cfg, size, precision, root, augment, num_workers, device, batch)
         self.device, self.batch = torch.device(device), batch
         torch.manual_seed(0)

@@ -163,11 +163,11 @@ class Normalize(torch.nn.Module):
     def forward(self, x: torch.Tensor | augment.Planned) -> torch.Tensor:
         if isinstance(x, augment.Planned):  # the batched form's keyed ops, finished here on the device
             x = x.render(self.scale.device)
-        # Two passes over the batch instead of four: the layout change rides on the uint8 -> float
-        # conversion, and scale and shift are one multiply-add.
+        # Two passes over the batch instead of four: the layout change (none for the keyed ops'
+        # channels_last batches into a channels_last network) rides on the uint8 -> float
+        # conversion, and scale and shift are one multiply-add in place.
         x = x.to(self.scale.device, non_blocking=True)
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=self.memory_format)
-        out.copy_(x)
+        out = x.to(torch.float32, memory_format=self.memory_format, copy=True)
         return torch.addcmul(self.shift, out, self.scale, out=out)
 
 

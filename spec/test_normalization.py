@@ -126,6 +126,18 @@ stats = st.builds(
 )
 
 
+@given(images, stats, st.booleans())
+def test_normalize_gives_the_same_bits_from_either_layout_into_either(x, stats, channels_last):
+    """The keyed ops hand Normalize channels_last batches, transforms v2 contiguous ones; a network
+    runs in either format. Every combination gives the same values, in the network's format."""
+    normalize = data.Normalize(stats.mean, stats.std, channels_last)
+    want = torch.channels_last if channels_last else torch.contiguous_format
+    planar, interleaved = normalize(x), normalize(x.contiguous(memory_format=torch.channels_last))
+    assert planar.is_contiguous(memory_format=want) and interleaved.is_contiguous(memory_format=want)
+    assert torch.equal(planar, interleaved)
+    assert torch.equal(planar, data.Normalize(stats.mean, stats.std, not channels_last)(x))
+
+
 @given(images, stats)
 def test_normalize_standardises_each_channel(x, stats):
     """Normalize with per-channel statistics computes (x / 255 - mean) / std for each channel."""

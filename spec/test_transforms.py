@@ -443,3 +443,42 @@ def test_draws_for_several_streams_at_once_are_each_streams_own(args):
     together = augment.sample_uniforms(seed, epoch, indices, streams)
     for row, stream in zip(together, streams):
         assert torch.equal(row, augment.sample_uniforms(seed, epoch, indices, stream))
+
+
+# ----------------------------------------------------------- the cache's (H, W, 3) layout
+
+
+def interleaved_copy(image: torch.Tensor) -> torch.Tensor:
+    """The same pixels as the decoded cache returns them: a (3, H, W) view of (H, W, 3) memory."""
+    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def check_layout_is_no_value(as_cached, d: dict, ops: list[dict], epoch: int, n: int) -> None:
+    """A batch of samples is the same from images in (3, H, W) memory and from the cache's (H, W, 3)
+    memory, for every op (keyed or transforms v2): the layout is a speed choice, never a value."""
+    try:
+        exp = experiment(d, ops)
+    except ConfigError:
+        return
+    images = [decoded_image(d["resize_size"], d["longer"] + 3 * i, d["portrait"] ^ (i % 2 == 1), d["seed"] + i) for i in range(n)]
+    keys = [(epoch, 5 * i + 2) for i in range(n)]
+    make = augment.split_transform(exp.augment, d["image_size"])
+    planar = batch_of(image_set(images, list(range(n)), make, d["seed"]), keys)
+    cached = batch_of(image_set([as_cached(im) for im in images], list(range(n)), make, d["seed"]), keys)
+    assert planar[1] == cached[1]
+    for a, b in zip(planar[0], cached[0]):
+        assert torch.equal(a, b), (a.int() - b.int()).abs().max()
+
+
+layouts = st.tuples(larger(), st.lists(augment_ops(RUNNABLE_AUGMENT_FIELDS), max_size=3), st.integers(0, 9), st.integers(1, 4))
+
+
+@given(layouts)
+def test_samples_are_the_same_from_the_caches_interleaved_pixels(args):
+    check_layout_is_no_value(interleaved_copy, *args)
+
+
+def test_layout_check_catches_interleaved_bytes_read_as_planes():
+    """Broken variant: a cache reader that views the (H, W, 3) bytes as (3, H, W), as the cache's
+    FORMAT 1 stored them."""
+    falsify(lambda args: check_layout_is_no_value(lambda im: im.permute(1, 2, 0).contiguous().view(im.shape), *args), layouts)
