@@ -6,8 +6,10 @@ instead of the process's two would pay.
 through imgcls's own keyed ops (augment.BatchAugment: per image, then one channels_last batch; on 1 or
 2 threads) and data.Normalize (channels_last, on the process's 2 threads): validation's centre crop,
 and training's random_resized_crop + flip to 128. Also torch's uint8 antialiased resize alone (a
-120x150 crop to 128x128), each layout on 1 and 2 threads. Microseconds an image, interleaved rounds,
-medians; the two layouts' batches are checked equal.
+120x150 crop to 128x128: the (3, H, W) crop as it was, and the dense channels_last copy augment.render
+makes), each on 1 and 2 threads; and Normalize's multiply-add on a channels_last batch, broadcast over
+channels vs over rows. Microseconds an image, interleaved rounds, medians; contenders' outputs are
+checked equal.
 """
 
 from __future__ import annotations
@@ -65,16 +67,41 @@ def measure(rounds: int) -> dict:
         out[path] = {"us_per_image": figures,
                      "hwc / chw, 2 threads": ratio(figures["hwc 2 threads"]["median"], figures["chw 2 threads"]["median"])}
     crops = {"chw": [im[:, 10:130, 20:170] for im in chw], "hwc": [im[:, 10:130, 20:170] for im in hwc]}
+    as_rendered = {"chw": lambda im: im, "hwc": lambda im: im[None].contiguous(memory_format=torch.channels_last)}
 
-    def resize(images: list[torch.Tensor]) -> Callable[[], object]:
-        return lambda: [F.resize(im[None], [SIZE, SIZE], antialias=True) for im in images]
+    def resize(name: str) -> Callable[[], object]:
+        return lambda: [F.resize(as_rendered[name](im), [SIZE, SIZE], antialias=True) for im in crops[name]]
 
-    figures = interleaved({f"{name} {n} thread{'s' * (n > 1)}": on_threads(n, resize(images)) for name, images in crops.items()
+    figures = interleaved({f"{name} {n} thread{'s' * (n > 1)}": on_threads(n, resize(name)) for name in crops
                            for n in (2, 1)}, rounds)
     out["resize alone"] = {"us_per_image": figures,
                            "hwc / chw, 2 threads": ratio(figures["hwc 2 threads"]["median"], figures["chw 2 threads"]["median"]),
                            "hwc / chw, 1 thread": ratio(figures["hwc 1 thread"]["median"], figures["chw 1 thread"]["median"])}
+    out["normalize"] = normalize_rows(normalize, rounds)
     return out
+
+
+def normalize_rows(normalize: Normalize, rounds: int) -> dict:
+    """Normalize's multiply-add on a channels_last batch of 128: broadcast over the innermost
+    channels (as a (1, 3, 1, 1) tensor) vs over rows of W * 3 values (what Normalize does)."""
+    x = torch.randint(0, 256, (128, 3, SIZE, SIZE), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+
+    def broadcast() -> torch.Tensor:
+        out = x.to(torch.float32, memory_format=torch.channels_last, copy=True)
+        return torch.addcmul(normalize.shift, out, normalize.scale, out=out)
+
+    assert torch.equal(broadcast(), normalize(x))
+
+    def per_image(fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
+        def go() -> float:
+            start = time.perf_counter()
+            for _ in range(5):
+                fn()
+            return (time.perf_counter() - start) / 5 / len(x) * 1e6
+        return go
+
+    figures = interleaved({"broadcast over channels": per_image(broadcast), "rows": per_image(lambda: normalize(x))}, rounds)
+    return {"us_per_image": figures, "rows / broadcast": ratio(figures["rows"]["median"], figures["broadcast over channels"]["median"])}
 
 
 def main() -> None:

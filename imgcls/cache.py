@@ -136,14 +136,37 @@ class Decoded(Sequence[torch.Tensor]):
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+            return self.take(range(*i.indices(len(self))))
+        return self.take([i])[0]
+
+    def take(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The images at indices, in that order. Images stored back to back (a sequential loader's
+        batch: evaluation's) are read by one call into one buffer, each image a view of it."""
+        runs: list[list[int]] = []  # positions in indices whose images follow each other in the file
+        for k, i in enumerate(indices):
+            if runs and self._end(indices[runs[-1][-1]]) == self.entries[i]["offset"]:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        images: list[torch.Tensor] = [torch.empty(0)] * len(indices)
+        for run in runs:
+            start = self.entries[indices[run[0]]]["offset"]
+            buffer = torch.empty(self._end(indices[run[-1]]) - start, dtype=torch.uint8)
+            if os.preadv(self._descriptor(), [buffer.numpy()], start) != len(buffer):
+                # the file was cut after it was checked
+                raise DataError(f"{self.path}: decoded cache file is shorter than its index; delete it and run again")
+            for k in run:
+                entry = self.entries[indices[k]]
+                channels, height, width = entry["shape"]
+                pixels = buffer[entry["offset"] - start : self._end(indices[k]) - start]
+                images[k] = pixels.view(height, width, channels).permute(2, 0, 1)  # (3, H, W), channels_last strides
+        return images
+
+    def _end(self, i: int) -> int:
+        """Where image i's pixels end in the file."""
         entry = self.entries[i]
         channels, height, width = entry["shape"]
-        pixels = torch.empty((height, width, channels), dtype=torch.uint8)
-        if os.preadv(self._descriptor(), [pixels.numpy()], entry["offset"]) != pixels.numel():
-            # the file was cut after it was checked
-            raise DataError(f"{self.path}: decoded cache file is shorter than its index; delete it and run again")
-        return pixels.permute(2, 0, 1)  # (3, H, W), channels_last strides
+        return entry["offset"] + channels * height * width
 
     def _descriptor(self) -> int:
         if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own

@@ -168,7 +168,15 @@ class Normalize(torch.nn.Module):
         # conversion, and scale and shift are one multiply-add in place.
         x = x.to(self.scale.device, non_blocking=True)
         out = x.to(torch.float32, memory_format=self.memory_format, copy=True)
-        return torch.addcmul(self.shift, out, self.scale, out=out)
+        if self.memory_format != torch.channels_last:
+            return torch.addcmul(self.shift, out, self.scale, out=out)
+        # Channels innermost: broadcast over them, the statistics would be applied 3 values at a
+        # time. Over each row of pixels as one run of W * 3 values, with the statistics repeated W
+        # times, the same multiply-add vectorises: ~4x faster (bench.layout).
+        n, c, h, w = out.shape
+        rows = out.permute(0, 2, 3, 1).view(n * h, w * c)
+        torch.addcmul(self.shift.view(c).repeat(w), rows, self.scale.view(c).repeat(w), out=rows)
+        return out
 
 
 # ------------------------------------------------------------------------------ datasets, loaders
@@ -205,7 +213,7 @@ class ImageSet(Dataset):
         """A whole batch (the DataLoader's batched fetch). The keyed ops draw once for it and hand back
         the finished batch (images, labels), stacked once; transforms v2 give per-sample pairs to collate."""
         epochs, indices = zip(*keys)
-        images = [self.images[i % len(self)] for i in indices]
+        images = take(self.images, [i % len(self) for i in indices])
         labels = torch.tensor([self.split.labels[i % len(self)] for i in indices])
         if isinstance(self.transform, augment.BatchAugment):
             assert len(set(epochs)) == 1, "a batch comes from one epoch"
@@ -231,6 +239,11 @@ class ImageSet(Dataset):
             return self.transform(image)
         finally:
             torch.default_generator.set_state(outer)
+
+
+def take(images: Sequence[torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
+    """images[i] for each index; from the decoded cache, with its reads of consecutive images merged."""
+    return images.take(indices) if isinstance(images, cache.Decoded) else [images[i] for i in indices]
 
 
 def collate(batch: list | tuple) -> Any:
