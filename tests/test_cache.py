@@ -75,6 +75,27 @@ def test_any_mix_of_sizes_round_trips(tmp_path_factory, sides, seed):
         assert torch.equal(image, decoding.decode(path, RESIZE))
 
 
+@settings(max_examples=15, deadline=None)
+@given(indices=st.lists(st.integers(0, 5), max_size=12), broken=st.sampled_from([[], [2], [0, 4]]))
+def test_take_gives_each_image_in_any_order_with_repeats(tmp_path_factory, indices, broken):
+    """Decoded.take merges the reads of images stored back to back; in any order, with repeats, and
+    with undecodable files among them (they store no pixels), each image comes back as its own."""
+    folder = tmp_path_factory.mktemp("take")
+    rng = np.random.default_rng(len(indices))
+    paths = []
+    for i in range(6 + len(broken)):
+        paths.append(str(folder / f"{i}.png"))
+        if i in broken:
+            Path(paths[-1]).write_bytes(b"not an image")
+        else:
+            Image.fromarray(rng.integers(0, 256, (10 + i, 14 - i, 3), dtype=np.uint8)).save(paths[-1])
+    found = build(paths, folder / "cache")
+    readable = [p for i, p in enumerate(paths) if i not in broken]
+    assert len(found.kept) == len(readable) == 6
+    for i, image in zip(indices, found.images.take(indices)):
+        assert torch.equal(image, decoding.decode(readable[i], RESIZE)), i
+
+
 @pytest.mark.parametrize("damage", ["flip a pixel byte", "cut the end", "cut to nothing", "garble the index"])
 def test_a_damaged_cache_file_is_rebuilt_never_read(tmp_path, capsys, damage):
     paths = split_paths(make_split(tmp_path / "train", 2))
