@@ -2,7 +2,7 @@
 per-image form (what imgcls picks on a CPU), the same ops in their batched form (what it picks on a
 GPU; here run on the CPU, to show the pick is right there), and transforms v2 image by image.
 
-Equal-sized images: 256x256 to 224 and 36x36 to 32, with random_crop (padding 4) + flip and with
+Equal-sized images, in the decoded cache's (H, W, 3) memory: 256x256 to 224 and 36x36 to 32, with random_crop (padding 4) + flip and with
 random_resized_crop + flip. Figures are images per second; the batched form is timed with fewer
 repeats (it is ~100x slower on a CPU).
 """
@@ -39,7 +39,9 @@ def compare(quick: bool, rounds: int) -> dict[str, Any]:
     cpu = torch.device("cpu")
     try:
         for name, (size, side) in CASES.items():
-            images = list(torch.randint(0, 256, (32, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+            # As the decoded cache gives them: (3, H, W) views of (H, W, 3) pixels.
+            pixels = torch.randint(0, 256, (32, side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+            images = list(pixels.permute(0, 3, 1, 2))
             keys = list(range(32))
             for ops_name, ops in OPS.items():
                 keyed, per_image = augment.BatchAugment(tuple(ops), size), augment.build_augment(ops, size)
