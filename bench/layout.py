@@ -8,8 +8,8 @@ through imgcls's own keyed ops (augment.BatchAugment: per image, then one channe
 and training's random_resized_crop + flip to 128. Also torch's uint8 antialiased resize alone (a
 120x150 crop to 128x128: the (3, H, W) crop as it was, and the dense channels_last copy augment.render
 makes), each on 1 and 2 threads; and Normalize's multiply-add on a channels_last batch, broadcast over
-channels vs over rows. Microseconds an image, interleaved rounds, medians; contenders' outputs are
-checked equal.
+channels vs over rows; and a zero pad by 4 of 256x256 images, torchvision's vs augment._pad's.
+Microseconds an image, interleaved rounds, medians; contenders' outputs are checked equal.
 """
 
 from __future__ import annotations
@@ -78,7 +78,26 @@ def measure(rounds: int) -> dict:
                            "hwc / chw, 2 threads": ratio(figures["hwc 2 threads"]["median"], figures["chw 2 threads"]["median"]),
                            "hwc / chw, 1 thread": ratio(figures["hwc 1 thread"]["median"], figures["chw 1 thread"]["median"])}
     out["normalize"] = normalize_rows(normalize, rounds)
+    out["zero padding"] = zero_padding(rounds)
     return out
+
+
+def zero_padding(rounds: int) -> dict:
+    """A zero pad by 4 of 64 256x256 images in (H, W, 3) memory: torchvision's pad of their (3, H, W)
+    views vs augment._pad (the pad on the (H, W, 3) memory), process threads."""
+    images = [im.permute(2, 0, 1) for im in torch.randint(0, 256, (N, 256, 256, 3), dtype=torch.uint8)]
+    step = augment.Pad(4, 4, 4, 4, "constant")
+
+    def torchvision() -> list[torch.Tensor]:
+        return [F.pad(im, [4, 4, 4, 4]) for im in images]
+
+    def interleaved_memory() -> list[torch.Tensor]:
+        return [augment._pad(im, step) for im in images]
+
+    assert all(torch.equal(a, b) for a, b in zip(torchvision(), interleaved_memory()))
+    n = torch.get_num_threads()
+    figures = interleaved({"torchvision": on_threads(n, torchvision), "(H, W, 3)": on_threads(n, interleaved_memory)}, rounds)
+    return {"us_per_image": figures, "(H, W, 3) / torchvision": ratio(figures["(H, W, 3)"]["median"], figures["torchvision"]["median"])}
 
 
 def normalize_rows(normalize: Normalize, rounds: int) -> dict:

@@ -234,7 +234,8 @@ def draws_for(ops: Sequence[C.Augment], seed: int, epoch: int, indices: list[int
 def _pad(image: torch.Tensor, step: Pad) -> torch.Tensor:
     """torchvision's pad of a (3, H, W) image. Zeros are padded on the (H, W, 3) memory the cache
     keeps: torchvision pads in (3, H, W) memory, which from interleaved pixels is a transposing copy
-    (125 vs 12 us at 256 px). Its other modes cost as much either way."""
+    (~4x slower at 256 px, bench.layout). Its other modes measured 1.0-1.3x slower from interleaved
+    memory, and are left to it."""
     if step.mode == "constant":
         pad = [0, 0, step.left, step.right, step.top, step.bottom]
         return torch.nn.functional.pad(image.permute(1, 2, 0), pad).permute(2, 0, 1)
@@ -264,7 +265,7 @@ def render(image: torch.Tensor, steps: Plan) -> torch.Tensor:
                 image = image.permute(1, 2, 0).flip(step.dim - 1).permute(2, 0, 1)
             case Resize():
                 # A dense channels_last copy of the crop: torch's uint8 resize has its fast path for
-                # that (~1.4x a (3, H, W) crop's, copy included; bench.layout) and answers in
+                # that (1.4-1.6x a (3, H, W) crop's, copy included; bench.layout) and answers in
                 # channels_last, which the batch takes as a plain copy.
                 dense = image[None].contiguous(memory_format=torch.channels_last)
                 image = v2.functional.resize(dense, [step.height, step.width], antialias=True)[0]

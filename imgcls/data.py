@@ -172,7 +172,7 @@ class Normalize(torch.nn.Module):
             return torch.addcmul(self.shift, out, self.scale, out=out)
         # Channels innermost: broadcast over them, the statistics would be applied 3 values at a
         # time. Over each row of pixels as one run of W * 3 values, with the statistics repeated W
-        # times, the same multiply-add vectorises: ~4x faster (bench.layout).
+        # times, the same multiply-add vectorises: 3-4x faster (bench.layout).
         n, c, h, w = out.shape
         rows = out.permute(0, 2, 3, 1).view(n * h, w * c)
         torch.addcmul(self.shift.view(c).repeat(w), rows, self.scale.view(c).repeat(w), out=rows)
