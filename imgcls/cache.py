@@ -8,10 +8,10 @@ resize size and the decoder's identity (`decoding.py`'s source and the PIL, torc
 versions). A second run, a resume or `evaluate` over the same bytes reads each file once to hash
 it and decodes nothing.
 
-Images are read back with `os.preadv`, one image per call, not memory-mapped: mapped pages count
-in the process's RSS once touched, so a mapping would grow with the data set, while the page
-cache that `preadv` goes through is shared by all workers and processes of the machine and given
-back under memory pressure.
+Images are read back with `os.preadv` (one call per image, or per run of images stored back to
+back), not memory-mapped: mapped pages count in the process's RSS once touched, so a mapping would
+grow with the data set, while the page cache that `preadv` goes through is shared by all workers
+and processes of the machine and given back under memory pressure.
 
 File layout: the pixels of each image (uint8, (H, W, 3): channels interleaved), back to back, then
 a JSON index (each entry's (3, H, W) shape, offset and perceptual hash, or the reason it could not
