@@ -292,11 +292,16 @@ def test_ctrl_c_and_sigterm_stop_cleanly_with_130_and_143_and_the_run_resumes(da
             os.kill(os.getpid(), sig)
 
     monkeypatch.chdir(data_dir)
+    # Ctrl-C reaches a foreground process, where Python turns SIGINT into KeyboardInterrupt. A test
+    # process started in the background by a non-interactive shell (`pytest &`) inherits SIGINT
+    # ignored, and Python then leaves it ignored: give it the foreground's handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     handle = register_optimizer_step_post_hook(hook)
     try:
         assert run.main([str(exp_path), "--quiet"]) == code
     finally:
         handle.remove()
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert err.rstrip().endswith("every finished epoch is saved: continue with --resume") and "Traceback" not in err
     assert checkpoint_epoch(data_dir / "runs" / name / "last.safetensors") == 1
