@@ -2,9 +2,9 @@
 per-image form (what imgcls picks on a CPU), the same ops in their batched form (what it picks on a
 GPU; here run on the CPU, to show the pick is right there), and transforms v2 image by image.
 
-Equal-sized images, in the decoded cache's (H, W, 3) memory: 256x256 to 224 and 36x36 to 32, with random_crop (padding 4) + flip and with
-random_resized_crop + flip. Figures are images per second; the batched form is timed with fewer
-repeats (it is ~100x slower on a CPU).
+Equal-sized images, in the decoded cache's (H, W, 3) memory: 256x256 to 224 and 36x36 to 32, with
+random_crop (padding 4) + flip and with random_resized_crop + flip. Figures are images per second;
+the batched form is timed with fewer repeats (it is ~100x slower on a CPU).
 """
 
 from __future__ import annotations

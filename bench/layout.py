@@ -33,9 +33,10 @@ OPS = {
 }
 
 
-def on_threads(n: int, load: Callable[[], torch.Tensor], then: Callable[[torch.Tensor], object] = lambda x: x) -> Callable[[], float]:
-    """Microseconds an image (5 calls) of load on n torch threads, then `then` on the process's count
-    (as a loader in the main process hands its batch to Normalize)."""
+def on_threads(n: int, load: Callable[[], object], then: Callable[[object], object] = lambda x: x,
+               images: int = N) -> Callable[[], float]:
+    """Microseconds an image (5 calls over `images` images) of load on n torch threads, then `then` on
+    the process's count (as a loader in the main process hands its batch to Normalize)."""
 
     def go() -> float:
         previous = torch.get_num_threads()
@@ -47,7 +48,7 @@ def on_threads(n: int, load: Callable[[], torch.Tensor], then: Callable[[torch.T
             finally:
                 torch.set_num_threads(previous)
             then(batch)
-        return (time.perf_counter() - start) / 5 / N * 1e6
+        return (time.perf_counter() - start) / 5 / images * 1e6
 
     return go
 
@@ -111,15 +112,9 @@ def normalize_rows(normalize: Normalize, rounds: int) -> dict:
 
     assert torch.equal(broadcast(), normalize(x))
 
-    def per_image(fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
-        def go() -> float:
-            start = time.perf_counter()
-            for _ in range(5):
-                fn()
-            return (time.perf_counter() - start) / 5 / len(x) * 1e6
-        return go
-
-    figures = interleaved({"broadcast over channels": per_image(broadcast), "rows": per_image(lambda: normalize(x))}, rounds)
+    n = torch.get_num_threads()
+    figures = interleaved({"broadcast over channels": on_threads(n, broadcast, images=len(x)),
+                           "rows": on_threads(n, lambda: normalize(x), images=len(x))}, rounds)
     return {"us_per_image": figures, "rows / broadcast": ratio(figures["rows"]["median"], figures["broadcast over channels"]["median"])}
 
 

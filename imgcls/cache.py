@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import struct
@@ -142,31 +143,26 @@ class Decoded(Sequence[torch.Tensor]):
     def take(self, indices: Sequence[int]) -> list[torch.Tensor]:
         """The images at indices, in that order. Images stored back to back (a sequential loader's
         batch: evaluation's) are read by one call into one buffer, each image a view of it."""
+        entries = [self.entries[i] for i in indices]
+        ends = [e["offset"] + math.prod(e["shape"]) for e in entries]
         runs: list[list[int]] = []  # positions in indices whose images follow each other in the file
-        for k, i in enumerate(indices):
-            if runs and self._end(indices[runs[-1][-1]]) == self.entries[i]["offset"]:
+        for k, entry in enumerate(entries):
+            if runs and ends[runs[-1][-1]] == entry["offset"]:
                 runs[-1].append(k)
             else:
                 runs.append([k])
         images: list[torch.Tensor] = [torch.empty(0)] * len(indices)
         for run in runs:
-            start = self.entries[indices[run[0]]]["offset"]
-            buffer = torch.empty(self._end(indices[run[-1]]) - start, dtype=torch.uint8)
+            start = entries[run[0]]["offset"]
+            buffer = torch.empty(ends[run[-1]] - start, dtype=torch.uint8)
             if os.preadv(self._descriptor(), [buffer.numpy()], start) != len(buffer):
                 # the file was cut after it was checked
                 raise DataError(f"{self.path}: decoded cache file is shorter than its index; delete it and run again")
             for k in run:
-                entry = self.entries[indices[k]]
-                channels, height, width = entry["shape"]
-                pixels = buffer[entry["offset"] - start : self._end(indices[k]) - start]
+                channels, height, width = entries[k]["shape"]
+                pixels = buffer[entries[k]["offset"] - start : ends[k] - start]
                 images[k] = pixels.view(height, width, channels).permute(2, 0, 1)  # (3, H, W), channels_last strides
         return images
-
-    def _end(self, i: int) -> int:
-        """Where image i's pixels end in the file."""
-        entry = self.entries[i]
-        channels, height, width = entry["shape"]
-        return entry["offset"] + channels * height * width
 
     def _descriptor(self) -> int:
         if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own
